@@ -1,0 +1,140 @@
+"""What every selection method shares: the Selection result, the layer schedule and the method registry.
+
+All selection code is tensor code on the device that holds the cache: fixed output shapes, no host
+synchronization, so it runs batched and can be captured in a CUDA graph.
+
+Positions are cache slots. ``valid`` [B, L] marks the slots that hold tokens of each row (left padding
+and unfilled slots are False); sinks and recent windows count valid slots only, so a padded row selects
+exactly what it would select alone.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lessismore.config import SparseConfig
+
+
+@dataclass
+class Selection:
+    """The positions a sparse layer reads.
+
+    indices: int64, ascending, [B, Kmax] for a set shared by all heads or [B, H, Kmax] per query head.
+             Entries at or past ``counts`` repeat a valid position and must be ignored.
+    counts:  int32, [B] or [B, H]: how many entries of each row are real.
+    """
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def per_head(self) -> bool:
+        return self.indices.dim() == 3
+
+
+class LayerRole(enum.Enum):
+    FULL = "full"  # dense attention over the whole cache
+    SELECT_DENSE = "select_dense"  # dense attention, then choose the set for the layers after it
+    SELECT_SPARSE = "select_sparse"  # choose a set for this layer, then attend over it
+    SPARSE = "sparse"  # attend over the last chosen set
+
+
+class Method:
+    """A selection method. Subclasses set ``name``, ``per_head`` and implement ``select``."""
+
+    name: str = ""
+    per_head: bool = False
+    # True: selections are made at cfg.selection_layers, which attend fully (TidalDecode's schedule).
+    # False: every non-full layer selects for itself (Quest, oracle, StreamingLLM).
+    uses_selection_layers: bool = True
+
+    def layer_roles(self, cfg: SparseConfig, num_layers: int) -> list[LayerRole]:
+        full = set(cfg.full_layers)
+        roles = []
+        if not self.uses_selection_layers:
+            return [LayerRole.FULL if i in full else LayerRole.SELECT_SPARSE for i in range(num_layers)]
+        selection = set(cfg.selection_layers or ())
+        seen_selection = False
+        for i in range(num_layers):
+            if i in full:
+                roles.append(LayerRole.FULL)
+            elif i in selection:
+                roles.append(LayerRole.SELECT_DENSE)
+                seen_selection = True
+            else:
+                # Before the first selection layer there is no set to reuse: attend fully.
+                roles.append(LayerRole.SPARSE if seen_selection else LayerRole.FULL)
+        return roles
+
+    def select(self, cfg: SparseConfig, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> Selection:
+        """q [B, Hq, D] (the current query), k [B, Hkv, L, D] (the cache, current token included),
+        valid [B, L] bool. Returns the Selection for the sparse layers."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Method:
+    if name not in _REGISTRY:
+        raise ValueError(f"method: unknown method {name!r}; allowed: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---- tensor helpers shared by the methods -------------------------------------------------------
+
+
+def valid_ranks(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank [B, L]: index of each slot among its row's valid slots; n [B]: valid slots per row."""
+    rank = valid.to(torch.int32).cumsum(-1) - 1
+    return rank, valid.sum(-1)
+
+
+def grouped_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax scores q_h . k_j for every query head: [B, Hq, L] in fp32 (unscaled: the scale does
+    not change any ranking)."""
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, hq // hkv, d).float()
+    return torch.matmul(qg, k.float().transpose(-1, -2)).reshape(b, hq, k.shape[2])
+
+
+def mask_to_selection(mask: torch.Tensor, kmax: int) -> Selection:
+    """A boolean mask [..., L] with at most kmax True per row -> ascending indices [..., kmax] + counts."""
+    length = mask.shape[-1]
+    positions = torch.arange(length, device=mask.device)
+    key = torch.where(mask, positions, positions + length)
+    ordered = key.topk(kmax, dim=-1, largest=False, sorted=True).values
+    # Pad with the last slot, a valid position, so gathers stay in range; counts mark it unused.
+    indices = torch.where(ordered < length, ordered, torch.full_like(ordered, length - 1))
+    return Selection(indices=indices, counts=mask.sum(-1).to(torch.int32))
+
+
+def all_valid_rows(valid: torch.Tensor, n: torch.Tensor, budget: int) -> torch.Tensor:
+    """[B, 1] bool: rows whose whole cache fits in the budget (the step is exact there)."""
+    return (n <= budget).unsqueeze(-1)
+
+
+def per_head_top(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask [B, H, L] of each head's top-k eligible positions by score (k <= eligible count per row)."""
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    top = masked.topk(k, dim=-1).indices
+    chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, top, True)
+    return chosen & eligible
+
+
+Selector = Callable[[SparseConfig, torch.Tensor, torch.Tensor, torch.Tensor], Selection]

@@ -1,0 +1,75 @@
+"""LessIsMore: unified cross-head top-k plus a stable recency window, one set for all heads.
+
+L. Yang, Z. Zhang, A. Jain, S. Cao, B. Yuan, Y. Chen, Z. Jia, R. Netravali. "Less Is More:
+Training-Free Sparse Attention with Global Locality for Efficient Reasoning". arXiv 2508.07101, 2025.
+
+For budget K, recent share R = round(K*r) (sinks s come out of it; dropped if R < s) and ranked share
+k = K - R, with n valid positions in a row:
+  1. n <= K: all n positions.
+  2. otherwise each query head ranks the middle positions (after the sinks, before the last R - s
+     positions) by its score and takes its top k;
+  3. the heads' lists are merged rank by rank (every head's rank-0 pick in head order, then rank 1, ...),
+     repeats dropped keeping the first occurrence, and the first k kept;
+  4. the set is sinks + those k + the last R - s positions: exactly K positions, one set per sequence.
+"""
+from __future__ import annotations
+
+import torch
+
+from lessismore.methods.base import (
+    Method,
+    Selection,
+    grouped_scores,
+    mask_to_selection,
+    register,
+    valid_ranks,
+)
+
+
+def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) -> torch.Tensor:
+    """Rank-major union of per-head top lists.
+
+    top [B, H, k'] positions (each head's list in descending score order), top_ok [B, H, k'] which
+    entries are real; returns a mask [B, length] of the first k distinct positions of the list
+    top[:, 0, 0], top[:, 1, 0], ..., top[:, H-1, 0], top[:, 0, 1], ...
+    """
+    b, h, kk = top.shape
+    flat = top.transpose(1, 2).reshape(b, kk * h)
+    order = torch.arange(kk * h, device=top.device).expand(b, -1)
+    never = kk * h  # larger than any list position
+    order = torch.where(top_ok.transpose(1, 2).reshape(b, kk * h), order, torch.full_like(order, never))
+    first = torch.full((b, length), never, device=top.device, dtype=order.dtype)
+    first.scatter_reduce_(1, flat, order, reduce="amin")
+    take = min(k, length)
+    keys, positions = first.topk(take, dim=-1, largest=False, sorted=False)
+    return torch.zeros(b, length, dtype=torch.bool, device=top.device).scatter_(1, positions, keys < never)
+
+
+def lessismore_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int, recent: int, sinks: int) -> torch.Tensor:
+    """The selection as a mask [B, L] from scores [B, H, L]. ``recent`` is R (sinks included), ``sinks``
+    the sinks actually kept (0 when R < s)."""
+    length = valid.shape[-1]
+    rank, n = valid_ranks(valid)
+    window = recent - sinks
+    sink = valid & (rank < sinks)
+    recent_mask = valid & (rank >= (n - window).unsqueeze(-1))
+    middle = valid & ~sink & ~recent_mask
+    chosen = torch.zeros_like(valid)
+    k = budget - recent
+    if k > 0:
+        kk = min(k, length)
+        masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
+        values, top = masked.topk(kk, dim=-1)
+        chosen = unified_union(top, values > float("-inf"), length, k)
+    selected = sink | recent_mask | chosen
+    return torch.where((n <= budget).unsqueeze(-1), valid, selected)
+
+
+@register
+class LessIsMore(Method):
+    name = "lessismore"
+
+    def select(self, cfg, q, k, valid):
+        scores = grouped_scores(q, k)
+        mask = lessismore_mask(scores, valid, cfg.budget, cfg.recent_share, cfg.effective_sinks)
+        return mask_to_selection(mask, min(cfg.budget, valid.shape[-1]))

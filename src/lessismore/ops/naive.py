@@ -1,0 +1,61 @@
+"""PyTorch references for the decode-attention kernels: gather the selected K/V rows, then attend.
+
+These are the CPU path and the ground truth the Triton kernels are tested against. Softmax and the
+weighted sum run in fp32; the output has q's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _attend(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, live: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hkv, G, D], ks/vs [B, Hkv|Hq, K, D] gathered rows, live [B, 1|Hkv, 1|G, K] -> [B, Hkv, G, D]."""
+    scores = torch.matmul(q.float(), ks.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~live, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), vs.float())
+
+
+def sparse_decode_attention(q, k_cache, v_cache, indices, counts, scale=None):
+    """One token set per row, shared by every head.
+
+    q [B, Hq, D]; k_cache, v_cache [B, Hkv, L, D]; indices [B, Kmax] int; counts [B] int.
+    Returns [B, Hq, D] = softmax(q K[idx]^T * scale) V[idx], over the first counts[b] entries.
+    """
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    kmax = indices.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    index = indices.long()[:, None, :, None].expand(b, hkv, kmax, d)
+    ks = k_cache.gather(2, index)
+    vs = v_cache.gather(2, index)
+    live = (torch.arange(kmax, device=q.device) < counts.view(b, 1))[:, None, None, :]
+    out = _attend(q.view(b, hkv, hq // hkv, d), ks, vs, live, scale)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def sparse_decode_attention_per_head(q, k_cache, v_cache, indices, counts, scale=None):
+    """A token set per query head: indices [B, Hq, Kmax], counts [B, Hq]; otherwise as above."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    kmax = indices.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    # Query head h reads KV head h // group: gather per KV head with the group's indices side by side.
+    index = indices.long().view(b, hkv, group * kmax, 1).expand(b, hkv, group * kmax, d)
+    ks = k_cache.gather(2, index).view(b, hkv, group, kmax, d)
+    vs = v_cache.gather(2, index).view(b, hkv, group, kmax, d)
+    live = torch.arange(kmax, device=q.device) < counts.view(b, hkv, group, 1)
+    scores = torch.einsum("bhgd,bhgkd->bhgk", q.view(b, hkv, group, d).float(), ks.float()) * scale
+    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1)
+    out = torch.einsum("bhgk,bhgkd->bhgd", probs, vs.float())
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+def dense_decode_attention(q, k_cache, v_cache, lengths, scale=None):
+    """Full decode attention over the first lengths[b] slots of each row (the engine's cache layout)."""
+    b, hq, d = q.shape
+    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    live = (torch.arange(length, device=q.device) < lengths.view(b, 1))[:, None, None, :]
+    out = _attend(q.view(b, hkv, hq // hkv, d), k_cache, v_cache, live, scale)
+    return out.reshape(b, hq, d).to(q.dtype)
