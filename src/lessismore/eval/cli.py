@@ -1,0 +1,107 @@
+"""``lessismore eval`` and ``lessismore report``: argument definitions and the commands.
+
+The top-level CLI wires them in; bad input raises ValueError naming the field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lessismore.eval.tasks import DEFAULT_N, TASKS
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    defaults = ", ".join(f"{t} {n}" for t, n in DEFAULT_N.items())
+    parser.add_argument("--task", required=True, choices=TASKS, help="benchmark")
+    parser.add_argument("--data", default=None, help="data file (JSONL); required for gpqa, which is not shipped")
+    parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model folder or a .gguf file")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. lessismore,tidaldecode,full")
+    parser.add_argument("--budgets", default="", help="comma-separated token budgets K, e.g. 1024,2048,4096 (full attention runs once)")
+    parser.add_argument("--n", type=int, default=None, help=f"samples per problem (default per task: {defaults})")
+    parser.add_argument("--limit", type=int, default=None, help="only the first P problems")
+    parser.add_argument("--max-new-tokens", type=int, default=32768)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences generated together")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed derives from it")
+    parser.add_argument("--recent-ratio", type=float, default=0.25, help="share of K for the most recent tokens")
+    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--selection-layers", default=None, help="comma-separated layer indices (default: the model's)")
+    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if a GPU is there, else cpu")
+    parser.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
+    return parser
+
+
+def _parse_list(name: str, kind, text: str | None):
+    if text is None:
+        return None
+    try:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+
+def settings_from_args(args):
+    from lessismore.eval.runner import EvalSettings
+
+    selection = _parse_list("selection_layers", int, args.selection_layers)
+    return EvalSettings(
+        task=args.task,
+        out=args.out,
+        methods=_parse_list("methods", str, args.methods),
+        budgets=_parse_list("budgets", int, args.budgets or ""),
+        model=args.model,
+        data=args.data,
+        n=args.n,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        recent_ratio=args.recent_ratio,
+        sink_tokens=args.sink_tokens,
+        selection_layers=tuple(selection) if selection is not None else None,
+        device=args.device,
+    ).validate()
+
+
+def run_eval(args) -> int:
+    """Run (or resume) the grid; on a single process, print the report table at the end."""
+    from lessismore.eval.report import write_report
+    from lessismore.eval.runner import evaluate, shard
+
+    settings = settings_from_args(args)
+    result = evaluate(settings)
+    rank, world = shard()
+    print(
+        f"rank {rank}/{world}: {result['written']} samples written, {result['skipped']} already done -> {result['file']}",
+        file=sys.stderr,
+    )
+    if world == 1:
+        print(write_report(settings.out))
+    else:
+        print(f"when every rank is done: lessismore report {settings.out}", file=sys.stderr)
+    return 0
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("dir", help="an output folder of lessismore eval")
+    parser.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of Markdown (writes no files)')
+    return parser
+
+
+def run_report(args) -> int:
+    """Print the report; without --json also write report.md and accuracy_vs_budget.png into DIR."""
+    from lessismore.eval.report import PLOT_FILE, compute_rows, json_rows, load, write_report
+
+    if args.json:
+        _, records = load(args.dir)
+        print(json.dumps(json_rows(compute_rows(records)), indent=2))
+    else:
+        print(write_report(args.dir))
+        print(f"wrote {Path(args.dir) / 'report.md'} and {Path(args.dir) / PLOT_FILE}", file=sys.stderr)
+    return 0
+
