@@ -1,0 +1,355 @@
+"""The engine: slots, the decode loop with continuous batching, CUDA graphs per batch-size bucket.
+
+State lives on the device in fixed buffers of ``max_batch`` rows (one row per cache slot): the input
+token, length, activity, token count, limits and sampling parameters of each sequence, and its output
+tokens. A decode step reads and updates only those buffers (no host synchronization), so on CUDA it is
+captured once per (bucket, sampling) and replayed. The host looks at the buffers every few steps: it
+collects finished sequences, refills their slots from the queue (prefill into the slot) and streams
+new tokens to a callback.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from lessismore.config import SparseConfig
+from lessismore.engine.attention import DecodeAttention
+from lessismore.engine.model import Model, ModelConfig, Weights, load_folder, load_hf_model, random_weights
+from lessismore.engine.sampling import sample
+
+MAX_STOP_IDS = 8
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output: the generated ids (prompt excluded), their text when a tokenizer is known,
+    why it stopped ("eos" or "length"), and the prompt's length in tokens."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    prompt_tokens: int
+    index: int = 0
+
+
+@dataclass
+class EngineStats:
+    """What the last ``generate`` did: steps, tokens and seconds of prefill and decode."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    bucket_steps: dict = field(default_factory=dict)
+
+
+def _per_prompt(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+class Engine:
+    """Batched decoding of a Llama / Qwen2 / Qwen3 model with a sparse-attention method.
+
+    model:     "default" (the package's SmolLM2-135M), a local HF checkpoint folder, a .gguf file, or a
+               ``ModelConfig`` (random weights at that shape, for benchmarks).
+    cfg:       the method (``SparseConfig``); None is full attention.
+    device, dtype: where and in what precision (default: bf16 on CUDA, fp32 on CPU).
+    max_batch: cache slots, i.e. the most sequences decoded at once.
+    max_len:   tokens per slot (prompt plus generated).
+    cuda_graphs: capture decode steps (default: on CUDA).
+    prefill_chunk: prompt tokens per prefill pass.
+    sync_every: decode steps between host looks at the state.
+    seed, weights: for a ``ModelConfig``: the seed of the random weights, or the weights themselves.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelConfig = "default",
+        cfg: SparseConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_batch: int = 8,
+        max_len: int = 4096,
+        cuda_graphs: bool | None = None,
+        prefill_chunk: int = 4096,
+        sync_every: int = 16,
+        seed: int = 0,
+        weights: Weights | None = None,
+    ):
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.device, self.dtype = device, dtype
+        self.tokenizer = None
+        if isinstance(model, ModelConfig):
+            mcfg, weights = model, weights if weights is not None else random_weights(model, device, dtype, seed)
+        else:
+            spec = str(model)
+            if spec == "default":
+                from lessismore.models import default_model_dir
+
+                spec = str(default_model_dir())
+            if spec.endswith(".gguf"):
+                from lessismore.models import load_model
+
+                hf, self.tokenizer = load_model(spec, "cpu", torch.float32)
+                mcfg, weights = load_hf_model(hf, device, dtype)
+                del hf
+            else:
+                mcfg, weights = load_folder(spec, device, dtype)
+                if any((Path(spec) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+                    from transformers import AutoTokenizer
+
+                    self.tokenizer = AutoTokenizer.from_pretrained(spec)
+        self.model_config = mcfg
+        self.max_batch, self.max_len = int(max_batch), int(max_len)
+        if self.max_batch < 1 or self.max_len < 2:
+            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        self.model = Model(mcfg, weights, self.max_len, device, dtype)
+        self.use_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.prefill_chunk = int(prefill_chunk)
+        self.sync_every = max(1, int(sync_every))
+        self._pool = None
+        self.set_method(cfg)
+        self._alloc_cache()
+        self._alloc_state()
+        self.stats = EngineStats()
+
+    def set_method(self, cfg: SparseConfig | None):
+        """Switch the sparse-attention method (None: full attention); captured graphs are dropped."""
+        mcfg = self.model_config
+        cfg = cfg or SparseConfig(method="full")
+        self.cfg = cfg.resolve(mcfg.model_type, mcfg.num_layers, mcfg.hidden_size)
+        self.attention = DecodeAttention(self.cfg, mcfg.num_layers, fused=self.device.type == "cuda")
+        self._graphs: dict = {}
+
+    # ---- buffers ------------------------------------------------------------------------------------
+
+    def _alloc_cache(self):
+        c, s = self.model_config, self.max_batch
+        shape = (s, c.num_kv_heads, self.max_len, c.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_layers)]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_layers)]
+
+    def _alloc_state(self):
+        s, dev = self.max_batch, self.device
+
+        def z(dtype, *shape):
+            return torch.zeros(*(shape or (s,)), device=dev, dtype=dtype)
+
+        self.slots = torch.arange(s, device=dev, dtype=torch.int32)
+        self.tokens = z(torch.int64)  # the next input token of each row
+        self.lengths = z(torch.int32)  # tokens in the cache
+        self.active = z(torch.bool)
+        self.count = z(torch.int64)  # tokens generated
+        self.limit = z(torch.int64)  # max new tokens
+        self.stop_on_eos = z(torch.bool)
+        self.temperature = z(torch.float32)
+        self.top_p = torch.ones(s, device=dev)
+        self.top_k = z(torch.int64)
+        self.seed = z(torch.int64)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, device=dev, dtype=torch.int64)
+        self.out = z(torch.int64, s, self.max_len)
+
+    # ---- one decode step (captured on CUDA) ----------------------------------------------------------
+
+    def _step(self, b: int, do_sample: bool):
+        active = self.active[:b]
+        logits = self.model.decode(self.tokens[:b], self.slots[:b], self.lengths[:b], self.k_cache, self.v_cache, self.attention)
+        count = self.count[:b]
+        nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.seed[:b], count, do_sample)
+        out = self.out[:b]
+        at = count.clamp(max=self.max_len - 1)[:, None]
+        out.scatter_(1, at, torch.where(active[:, None], nxt[:, None], out.gather(1, at)))
+        stop = (nxt[:, None] == self.stop_ids[None, :]).any(-1) & self.stop_on_eos[:b]
+        finished = active & (stop | (count + 1 >= self.limit[:b]))
+        self.lengths[:b] += active.to(torch.int32)
+        self.tokens[:b] = torch.where(active, nxt, self.tokens[:b])
+        self.count[:b] += active.to(torch.int64)
+        self.active[:b] = active & ~finished
+
+    def _buckets(self) -> list[int]:
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        return sizes + [self.max_batch]
+
+    def bucket(self, rows: int) -> int:
+        """The smallest captured batch size holding rows 0..rows-1."""
+        return next(b for b in self._buckets() if b >= rows)
+
+    def step(self, b: int, do_sample: bool = False):
+        """One decode step of rows 0..b-1 (b a bucket size): replays its graph on CUDA."""
+        if not self.use_graphs or self.attention.observers:
+            return self._step(b, do_sample)
+        key = (b, do_sample)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(b, do_sample)
+        graph.replay()
+
+    def _capture(self, b: int, do_sample: bool):
+        # Warm up (compiles the kernels, runs autotuning) with every row inactive: the step then leaves
+        # the state as it was (inactive rows write K/V only past their tokens).
+        saved = self.active[:b].clone()
+        self.active[:b] = False
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(b, do_sample)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(b, do_sample)
+        self.active[:b] = saved
+        self._graphs[(b, do_sample)] = graph
+        return graph
+
+    # ---- prefill and admission -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
+        """Write the prompt's K/V into cache row ``slot`` (chunked); returns its last logits [V]."""
+        ids = torch.as_tensor(list(prompt), dtype=torch.int64, device=self.device)
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start : start + self.prefill_chunk]
+            last = start + len(chunk) >= len(ids)
+            logits = self.model.prefill(chunk, slot, start, self.k_cache, self.v_cache, logits=last)
+        self.lengths[slot] = len(ids)
+        return logits
+
+    def _admit(self, slot: int, prompt: list[int], max_new: int, temperature: float, top_p: float, top_k: int, seed: int, stop_on_eos: bool):
+        logits = self.prefill(slot, prompt)
+        one = slice(slot, slot + 1)
+        self.temperature[slot] = float(temperature)
+        self.top_p[slot] = float(top_p)
+        self.top_k[slot] = int(top_k)
+        self.seed[slot] = int(seed)
+        self.count[slot] = 0
+        first = sample(logits[None], self.temperature[one], self.top_p[one], self.top_k[one], self.seed[one], self.count[one], temperature > 0)
+        self.out[slot, 0] = first[0]
+        self.tokens[slot] = first[0]
+        self.count[slot] = 1
+        self.limit[slot] = max_new
+        self.stop_on_eos[slot] = stop_on_eos
+        stop = (first[0] == self.stop_ids).any() & stop_on_eos
+        self.active[slot] = ~stop & (max_new > 1)
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts: text needs a tokenizer; this engine has random weights, pass token ids")
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int] = 256,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        seed: int = 0,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt (text or token ids), in batches of up to ``max_batch`` with slots
+        refilled as sequences finish. Sampling parameters are one value or one per prompt; temperature
+        0 is greedy. Prompt i draws from the random stream ``seed + i``, so its tokens do not depend on
+        the batch it ran in. Stops at ``stop_token_ids`` (default: the model's EOS ids) unless
+        ``ignore_eos``, or after ``max_new_tokens``. ``on_tokens(i, new_ids)`` streams tokens."""
+        n = len(prompts)
+        encoded = [self.encode(p) for p in prompts]
+        limits = [int(x) for x in _per_prompt(max_new_tokens, n, "max_new_tokens")]
+        temps = [float(x) for x in _per_prompt(temperature, n, "temperature")]
+        tps = [float(x) for x in _per_prompt(top_p, n, "top_p")]
+        tks = [int(x) for x in _per_prompt(top_k, n, "top_k")]
+        for i, (ids, lim, tp) in enumerate(zip(encoded, limits, tps)):
+            if not ids:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+            if lim < 1:
+                raise ValueError(f"max_new_tokens: must be >= 1, got {lim}")
+            if len(ids) + lim > self.max_len:
+                raise ValueError(f"prompts[{i}]: {len(ids)} prompt + {lim} new tokens exceed max_len={self.max_len}")
+            if not 0.0 < tp <= 1.0:
+                raise ValueError(f"top_p: must be in (0, 1], got {tp}")
+        stops = list(self.model_config.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if len(stops) > MAX_STOP_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS}")
+        self.stop_ids.fill_(-1)
+        if stops:
+            self.stop_ids[: len(stops)] = torch.tensor(stops, device=self.device)
+        do_sample = any(t > 0 for t in temps)
+        self.stats = stats = EngineStats()
+        self.active.zero_()
+        self.lengths.zero_()
+
+        queue = deque(range(n))
+        owner: list[int | None] = [None] * self.max_batch  # prompt index held by each slot
+        streamed = [0] * n  # tokens already passed to on_tokens
+        results: list[GenerationResult | None] = [None] * n
+        count_host = [0] * self.max_batch
+        while queue or any(o is not None for o in owner):
+            t0 = time.perf_counter()
+            for slot in range(self.max_batch):
+                if owner[slot] is None and queue:
+                    i = queue.popleft()
+                    owner[slot] = i
+                    self._admit(slot, encoded[i], limits[i], temps[i], tps[i], tks[i], seed + i, not ignore_eos)
+                    count_host[slot] = 1
+                    stats.prefill_tokens += len(encoded[i])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            stats.prefill_s += t1 - t0
+            rows = max(s for s in range(self.max_batch) if owner[s] is not None) + 1
+            b = self.bucket(rows)
+            # Until the next look: never past the earliest length limit, so length stops cost nothing.
+            steps = min([self.sync_every] + [limits[owner[s]] - count_host[s] for s in range(rows) if owner[s] is not None])
+            for _ in range(max(steps, 0)):
+                self.step(b, do_sample)
+            active = self.active[:b].tolist()
+            counts = self.count[:b].tolist()
+            stats.decode_s += time.perf_counter() - t1
+            stats.decode_steps += max(steps, 0)
+            stats.bucket_steps[b] = stats.bucket_steps.get(b, 0) + max(steps, 0)
+            stats.decode_tokens += sum(counts[s] - count_host[s] for s in range(rows) if owner[s] is not None)
+            count_host[:b] = counts
+            done = [s for s in range(rows) if owner[s] is not None and not active[s]]
+            if on_tokens is not None or done:
+                width = max(counts[s] for s in range(rows) if owner[s] is not None)
+                host = self.out[:rows, :width].tolist()
+                if on_tokens is not None:
+                    for s in range(rows):
+                        i = owner[s]
+                        if i is not None and counts[s] > streamed[i]:
+                            on_tokens(i, host[s][streamed[i] : counts[s]])
+                            streamed[i] = counts[s]
+                for s in done:
+                    i = owner[s]
+                    ids = host[s][: counts[s]]
+                    reason = "eos" if (not ignore_eos and ids and ids[-1] in stops) else "length"
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else None
+                    results[i] = GenerationResult(token_ids=ids, text=text, finish_reason=reason, prompt_tokens=len(encoded[i]), index=i)
+                    owner[s] = None
+        return results
