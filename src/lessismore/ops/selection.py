@@ -1,0 +1,171 @@
+"""The LessIsMore selection layer on the GPU: dense decode attention that also writes the pre-softmax
+scores, each head's top-k (``torch.topk``, the reference's own call), and the rank-major union with sinks
+and recent window, all with fixed output shapes, no host synchronization, capturable in a CUDA graph.
+
+The cache is contiguous per row: row b's tokens sit in slots 0..lengths[b]-1 (``valid = arange(L) <
+lengths[:, None]``). The result is exactly ``methods.get("lessismore").select(cfg, q, k_cache, valid)``
+whenever the kernel's scores equal ``grouped_scores`` bit for bit. They are the same fp32 dot products
+summed in another order, so on real data two scores within rounding of each other may swap places; on
+data whose products and sums are exact in fp32 the sets are identical, ties and all (the tests check
+that), because the top-k is the reference's own ``torch.topk`` call on an identical tensor.
+
+The union (``union_selection``) runs in five small kernels, all grids fixed by the shapes:
+  over the heads' lists in rank-major order j = rank * H + head (tiles of 32 ranks x H heads):
+  1. first[b, pos] = min j over the list entries at pos (atomic min);
+  2. flag the first occurrences (first[b, pos] == j) and count them per tile;
+  3. the first occurrence whose rank among them is k - 1 (tile prefix + cumsum over the flags) writes
+     its j to thresh[b];
+  then over the positions: a slot is ranked in iff first[b, pos] <= thresh[b] (exactly k of them)
+  4. per block of slots, how many are in;
+  5. each in-slot's place (block prefix + cumsum), written after the sinks, with the sinks and the
+     recent window around them, or 0..n-1 when n <= budget.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lessismore.config import SparseConfig
+from lessismore.methods.base import Selection
+from lessismore.ops.triton_decode import INTERPRETED, split_decode
+
+_RANKS = 32  # ranks per block of the list pass (x H heads)
+_POSITIONS = 1024  # positions per block of the position pass
+
+
+def kernels_usable(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the interpreter (tests)."""
+    return t.is_cuda or INTERPRETED
+
+
+@triton.jit
+def _blocks_before(BCOUNT, row, blk, NBLK_PAD: tl.constexpr):
+    """Sum of the per-block counts of row ``row`` (NBLK_PAD entries a row) before block ``blk``."""
+    offs = tl.arange(0, NBLK_PAD)
+    return tl.sum(tl.load(BCOUNT + row * NBLK_PAD + offs, mask=offs < blk, other=0), 0)
+
+
+@triton.jit
+def _list_kernel(TOP, VAL, FIRST, FLAGS, BCOUNT, THRESH, stride_tb, stride_th, stride_vb, stride_vh,
+                 H, KK, L, K, PHASE: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr, NBLK_PAD: tl.constexpr):
+    """Ranks [blk*R, blk*R+R) of every head of row b, in list order j = rank * H + head.
+    PHASE 0: first[pos] = min j. 1: flag the first occurrences (FLAGS[b, j]) and count them per block.
+    2: THRESH[b] = the j of the K-th first occurrence of the row."""
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    if PHASE == 2:
+        j = blk * R * H + tl.arange(0, R * H_PAD)
+        flags = tl.load(FLAGS + b * KK * H + j, mask=(j < (blk + 1) * R * H) & (j < KK * H), other=0).to(tl.int32)
+        order = _blocks_before(BCOUNT, b, blk, NBLK_PAD) + tl.cumsum(flags, 0) - 1
+        tl.store(THRESH + b + tl.zeros_like(order), j, mask=(flags == 1) & (order == K - 1))
+    else:
+        rank = blk * R + tl.arange(0, R)[:, None]
+        head = tl.arange(0, H_PAD)[None, :]
+        live = (rank < KK) & (head < H)
+        pos = tl.load(TOP + b * stride_tb + head * stride_th + rank, mask=live, other=0)  # coalesced over ranks
+        ok = live & (tl.load(VAL + b * stride_vb + head * stride_vh + rank, mask=live, other=float("-inf"))
+                     > float("-inf"))
+        j = rank * H + head
+        first = FIRST + b * L + pos
+        if PHASE == 0:
+            tl.atomic_min(first, j, mask=ok)
+        else:
+            is_first = ok & (tl.load(first, mask=ok, other=-1) == j)
+            tl.store(FLAGS + b * KK * H + j, is_first.to(tl.int8), mask=live)
+            tl.store(BCOUNT + b * NBLK_PAD + blk, tl.sum(tl.sum(is_first.to(tl.int32), 1), 0))
+
+
+@triton.jit
+def _position_kernel(FIRST, THRESH, LEN, BCOUNT, OUT, COUNTS, L, budget, sinks, window, K, KOUT,
+                     PHASE: tl.constexpr, BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr):
+    """Slots [blk*BLOCK, +BLOCK) of row b; a slot is ranked in iff first[pos] <= THRESH[b]. PHASE 0:
+    count them. 1: write them ascending after the sinks, and (block 0) the sinks, the recent window and
+    the count; a row with n <= budget gets 0..n-1. Entries past the count repeat slot L - 1."""
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    pos = blk * BLOCK + tl.arange(0, BLOCK)
+    n = tl.load(LEN + b).to(tl.int32)
+    whole = n <= budget
+    flags = ((pos < L) & (tl.load(FIRST + b * L + pos, mask=pos < L, other=2147483647) <= tl.load(THRESH + b))
+             & (K > 0)).to(tl.int32)
+    if PHASE == 0:
+        tl.store(BCOUNT + b * NBLK_PAD + blk, tl.sum(flags, 0))
+    else:
+        order = _blocks_before(BCOUNT, b, blk, NBLK_PAD) + tl.cumsum(flags, 0) - 1
+        tl.store(OUT + b * KOUT + sinks + order, pos.to(tl.int64), mask=(flags == 1) & ~whole)
+        if blk == 0:
+            for i0 in range(0, KOUT, BLOCK):
+                i = i0 + tl.arange(0, BLOCK)
+                fixed = tl.where(whole, tl.where(i < n, i, L - 1), tl.where(i < sinks, i, n - window + (i - sinks - K)))
+                tl.store(OUT + b * KOUT + i, fixed.to(tl.int64),
+                         mask=(i < KOUT) & (whole | (i < sinks) | (i >= sinks + K)))
+            tl.store(COUNTS + b, tl.minimum(n, budget))
+
+
+def union_selection(top, values, lengths, length, budget, recent, sinks) -> Selection:
+    """The LessIsMore set from each head's top list, as ``lessismore_mask`` + ``mask_to_selection``
+    compute it for a contiguous cache (valid slots 0..lengths[b]-1 of ``length``).
+
+    top [B, H, kk] int (positions, each head's list in descending score order), values [B, H, kk]
+    (-inf marks entries that are not real), both from ``topk`` over scores masked to the middle slots;
+    ``recent`` is R (sinks included), ``sinks`` the sinks kept. None, None when budget == recent.
+    Returns Selection(indices [B, min(budget, length)] int64 ascending, counts [B] int32).
+    """
+    b = lengths.shape[0]
+    device = lengths.device
+    k = budget - recent
+    kout = min(budget, length)
+    first = torch.full((b, length), 2147483647, device=device, dtype=torch.int32)
+    thresh = torch.full((b,), -1, device=device, dtype=torch.int32)
+    if k > 0:
+        h, kk = top.shape[1], top.shape[2]
+        if top.stride(-1) != 1 or values.stride(-1) != 1:
+            top, values = top.contiguous(), values.contiguous()
+        nblk = triton.cdiv(kk, _RANKS)
+        bcount = torch.empty((b, triton.next_power_of_2(nblk)), device=device, dtype=torch.int32)
+        flags = torch.empty((b, kk * h), device=device, dtype=torch.int8)
+        for phase in range(3):
+            _list_kernel[(b, nblk)](
+                top, values, first, flags, bcount, thresh, top.stride(0), top.stride(1), values.stride(0), values.stride(1),
+                h, kk, length, k, PHASE=phase, R=_RANKS, H_PAD=triton.next_power_of_2(h), NBLK_PAD=bcount.shape[1],
+            )
+    indices = torch.empty((b, kout), device=device, dtype=torch.int64)
+    counts = torch.empty((b,), device=device, dtype=torch.int32)
+    nblk = triton.cdiv(length, _POSITIONS)
+    bcount = torch.empty((b, triton.next_power_of_2(nblk)), device=device, dtype=torch.int32)
+    for phase in range(2):
+        _position_kernel[(b, nblk)](
+            first, thresh, lengths, bcount, indices, counts, length, budget, sinks, recent - sinks, max(k, 0), kout,
+            PHASE=phase, BLOCK=_POSITIONS, NBLK_PAD=bcount.shape[1],
+        )
+    return Selection(indices=indices, counts=counts)
+
+
+def select_lessismore(q, k_cache, v_cache, lengths, cfg: SparseConfig, scale=None, **tuning):
+    """The selection layer: dense decode attention over slots 0..lengths[b]-1 and the LessIsMore set.
+
+    q [B, Hq, D]; k_cache, v_cache [B, Hkv, L, D]; lengths [B] int. Returns (attn_out [B, Hq, D] in q's
+    dtype, Selection as ``methods.get("lessismore").select(cfg, q, k_cache, arange(L) < lengths[:, None])``).
+    ``tuning`` goes to the attention kernel (num_splits, block_n, num_warps, num_stages).
+    """
+    length = k_cache.shape[2]
+    recent, sinks = cfg.recent_share, cfg.effective_sinks
+    if not kernels_usable(q):
+        from lessismore.methods import get
+        from lessismore.ops.naive import dense_decode_attention
+
+        valid = torch.arange(length, device=q.device) < lengths.view(-1, 1)
+        return dense_decode_attention(q, k_cache, v_cache, lengths, scale), get("lessismore").select(cfg, q, k_cache, valid)
+    top = values = None
+    if cfg.budget > recent:
+        scores = torch.empty((q.shape[0], q.shape[1], length), device=q.device, dtype=torch.float32)
+        out = split_decode(q, k_cache, v_cache, None, lengths, scale, dense=True, scores=scores,
+                           score_lo=sinks, score_window=recent - sinks, **tuning)
+        values, top = scores.topk(min(cfg.budget - recent, length), dim=-1)
+    else:
+        out = split_decode(q, k_cache, v_cache, None, lengths, scale, dense=True, **tuning)
+    return out, union_selection(top, values, lengths, length, cfg.budget, recent, sinks)
+
+
+__all__ = ["select_lessismore", "union_selection", "kernels_usable"]
