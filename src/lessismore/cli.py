@@ -64,28 +64,81 @@ def _hf_generate(model, tokenizer, prompt_ids, args, greedy: bool, stream: bool)
     return out[0, prompt_ids.shape[1]:].tolist(), elapsed
 
 
+def _fast_generate(engine, tokenizer, prompt_ids, args, greedy: bool, stream: bool):
+    def show(_, new_ids):
+        print(tokenizer.decode(new_ids, skip_special_tokens=True), end="", flush=True)
+
+    start = time.perf_counter()
+    (result,) = engine.generate(
+        [prompt_ids[0].tolist()],
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if greedy else args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_tokens=show if stream else None,
+    )
+    elapsed = time.perf_counter() - start
+    if stream:
+        print()
+    return result.token_ids, elapsed
+
+
+class _Runner:
+    """One model behind the two back ends: the HF path (``lessismore.enable``) or the fast engine."""
+
+    def __init__(self, args):
+        self.args = args
+        if args.engine == "fast":
+            from lessismore.engine import Engine
+
+            self.engine = Engine(args.model, cfg=None, device=args.device,
+                                 max_batch=1, max_len=args.max_prompt_tokens + args.max_new_tokens)
+            self.tokenizer = self.engine.tokenizer
+            mc = self.engine.model_config
+            self.shape = (mc.model_type, mc.num_layers, mc.hidden_size)
+        else:
+            from lessismore.models import load_model
+
+            self.model, self.tokenizer = load_model(args.model, device=args.device)
+            self.shape = (self.model.config.model_type, self.model.config.num_hidden_layers, self.model.config.hidden_size)
+
+    def generate(self, cfg, prompt_ids, greedy: bool, stream: bool):
+        """(tokens, seconds, kv_read_fraction or None) for method ``cfg`` (None: full attention)."""
+        import lessismore as lim
+
+        if self.args.engine == "fast":
+            self.engine.set_method(cfg)
+            tokens, elapsed = _fast_generate(self.engine, self.tokenizer, prompt_ids, self.args, greedy, stream)
+            return tokens, elapsed, None
+        if cfg is None:
+            tokens, elapsed = _hf_generate(self.model, self.tokenizer, prompt_ids, self.args, greedy, stream)
+            return tokens, elapsed, 1.0
+        with lim.sparse_attention(self.model, cfg):
+            tokens, elapsed = _hf_generate(self.model, self.tokenizer, prompt_ids, self.args, greedy, stream)
+            return tokens, elapsed, lim.stats(self.model)["kv_read_fraction"]
+
+
 def cmd_generate(args) -> int:
-    import torch
-
-    import lessismore as lim
-    from lessismore.models import load_model
-
     cfg = sparse_config(args, args.method)  # validates before the model loads
     if args.prompt is None:
         with open(args.prompt_file, encoding="utf-8") as f:
             args.prompt = f.read()
-    model, tokenizer = load_model(args.model, device=args.device)
+    runner = _Runner(args)
+    tokenizer = runner.tokenizer
+    cfg = cfg.resolve(*runner.shape)
     messages = [{"role": "user", "content": args.prompt}]
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
     prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
-    cfg = lim.enable(model, cfg)
-    tokens, elapsed = _hf_generate(model, tokenizer, prompt_ids, args, greedy=False, stream=not args.quiet)
-    stats = lim.stats(model)
-    lim.disable(model)
+    if prompt_ids.shape[1] > args.max_prompt_tokens:
+        raise ValueError(f"prompt: {prompt_ids.shape[1]} tokens, over --max-prompt-tokens {args.max_prompt_tokens}")
+    method_cfg = None if cfg.method == "full" else cfg
+    tokens, elapsed, read_fraction = runner.generate(method_cfg, prompt_ids, greedy=args.temperature == 0,
+                                                     stream=not args.quiet)
     result = {
+        "engine": args.engine,
         "method": cfg.method,
         "budget": cfg.budget,
         "recent_ratio": cfg.recent_ratio,
@@ -95,25 +148,21 @@ def cmd_generate(args) -> int:
         "generated_tokens": len(tokens),
         "text": tokenizer.decode(tokens, skip_special_tokens=True),
         "tokens_per_s": len(tokens) / elapsed if elapsed > 0 else None,
-        "kv_read_fraction": stats["kv_read_fraction"],
-        "kv_positions_per_layer": stats["kv_positions_per_layer"],
+        "kv_read_fraction": read_fraction,
     }
-    print(
-        f"\n[{cfg.method} K={cfg.budget}] {len(tokens)} tokens in {elapsed:.1f} s "
-        f"({result['tokens_per_s']:.1f} tok/s), KV read fraction {stats['kv_read_fraction']:.3f}",
-        file=sys.stderr,
-    )
+    read_text = "n/a (fast engine)" if read_fraction is None else f"{read_fraction:.3f}"
+    print(f"\n[{cfg.method} K={cfg.budget}, {args.engine}] {len(tokens)} tokens in {elapsed:.1f} s "
+          f"({result['tokens_per_s']:.1f} tok/s), KV read fraction {read_text}", file=sys.stderr)
     if args.compare_full:
         if args.temperature != 0:
-            # The comparison is of greedy decodes: re-run the sparse method greedily too.
-            with lim.sparse_attention(model, cfg):
-                tokens, _ = _hf_generate(model, tokenizer, prompt_ids, args, greedy=True, stream=False)
-        with torch.no_grad():
-            full_tokens, _ = _hf_generate(model, tokenizer, prompt_ids, args, greedy=True, stream=False)
+            # The comparison is of greedy decodes: decode the sparse method greedily too.
+            tokens, _, _ = runner.generate(method_cfg, prompt_ids, greedy=True, stream=False)
+        full_tokens, _, _ = runner.generate(None, prompt_ids, greedy=True, stream=False)
         agreement, first = _agreement(tokens, full_tokens)
         result.update(full_text=tokenizer.decode(full_tokens, skip_special_tokens=True), agreement=agreement,
                       first_divergence=first)
-        print(f"greedy agreement with full attention: {agreement:.3f}, first divergence: {first}", file=sys.stderr)
+        print(f"greedy agreement with full attention: {agreement:.3f} over {min(len(tokens), len(full_tokens))} "
+              f"tokens, first divergence: {first}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
@@ -138,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--engine", choices=["hf", "fast"], default="hf",
+                     help="hf: transformers generate with lessismore.enable; fast: lessismore.Engine")
+    gen.add_argument("--max-prompt-tokens", type=int, default=4096, help="fast engine: cache room for the prompt")
     gen.add_argument("--compare-full", action="store_true", help="also decode greedily with full attention")
     gen.add_argument("--json", help="write the result object here")
     gen.add_argument("--quiet", action="store_true", help="don't stream the text")
