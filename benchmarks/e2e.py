@@ -27,7 +27,8 @@ import torch
 
 from lessismore import methods
 from lessismore.config import SparseConfig
-from lessismore.engine import Engine, ModelConfig, kernels
+from lessismore.engine import Engine, ModelConfig, attention, kernels
+from lessismore.engine import model as model_module
 from lessismore.engine.model import random_weights
 from lessismore.methods import LayerRole
 
@@ -134,9 +135,10 @@ def time_steps(engine: Engine, batch: int, context: int, steps: int, reps: int) 
     return out
 
 
-def hf_generate_step(hf, batch: int, context: int, steps: int) -> float:
+def hf_generate_step(hf, batch: int, context: int, steps: int, reps: int = 3):
     """Seconds per decode step of HF generate (greedy, sdpa) with a DynamicCache of ``context`` random
-    tokens: (time for 1 + steps new tokens - time for 1) / steps."""
+    tokens: (time for 1 + steps new tokens - time for 1) / steps; the median of ``reps`` estimates,
+    and the estimates."""
     from transformers import DynamicCache
 
     c = hf.config
@@ -162,9 +164,80 @@ def hf_generate_step(hf, batch: int, context: int, steps: int) -> float:
         return time.perf_counter() - t0
 
     run(2)  # warm-up
-    one, many = run(1), run(1 + steps)
+    estimates = []
+    for _ in range(reps):
+        one, many = run(1), run(1 + steps)
+        estimates.append((many - one) / steps)
     del cache
-    return (many - one) / steps
+    return statistics.median(estimates), estimates
+
+
+def run_sweep(mcfg, weights, points, args) -> dict:
+    """Full-attention step time at every point for each dense-split setting (and, at batch 1, each
+    batch-1 projection); sets the module constants to the best (lowest summed time relative to the
+    kernel's own split choice)."""
+    splits = [None, 4, 8, 16]
+    table = {}
+    for batch, context in points:
+        engine = Engine(mcfg, weights=weights, device=DEV, dtype=DTYPE, max_batch=batch, max_len=context + 16 * (args.steps + 8))
+        fill_decode_state(engine, batch, context)
+        row = table[f"{batch}x{context}"] = {}
+        for mult in splits:
+            attention.DENSE_PROGRAMS_PER_SM = mult
+            engine.set_method(None)
+            row[f"splits_{mult}"] = statistics.median(time_steps(engine, batch, context, args.steps // 2, 3)) * 1e3
+        attention.DENSE_PROGRAMS_PER_SM = None
+        if batch == 1:
+            model_module.M1_LINEAR = "mv"
+            engine.set_method(None)
+            row["linear_mv"] = statistics.median(time_steps(engine, batch, context, args.steps // 2, 3)) * 1e3
+            model_module.M1_LINEAR = "linear"
+        # For information: the other cuBLAS back end for every projection (not adopted automatically).
+        blas = torch.backends.cuda.preferred_blas_library()
+        other = torch._C._BlasBackend.Cublaslt if blas == torch._C._BlasBackend.Cublas else torch._C._BlasBackend.Cublas
+        try:
+            torch.backends.cuda.preferred_blas_library(other)
+            engine.set_method(None)
+            row[f"blas_{str(other).split('.')[-1].lower()}"] = statistics.median(time_steps(engine, batch, context, args.steps // 2, 3)) * 1e3
+        except Exception as exc:
+            row["blas_other"] = f"failed: {exc!r}"
+        finally:
+            torch.backends.cuda.preferred_blas_library(blas)
+        row["blas_default"] = str(blas)
+        print("sweep", batch, context, row, flush=True)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    score = {m: sum(r[f"splits_{m}"] / r["splits_None"] for r in table.values()) for m in splits}
+    attention.DENSE_PROGRAMS_PER_SM = min(splits, key=lambda m: score[m])
+    ones = [r for r in table.values() if "linear_mv" in r]
+    if ones and sum(r["linear_mv"] / r["splits_None"] for r in ones) < 0.99 * len(ones):
+        model_module.M1_LINEAR = "mv"
+    return {"step_ms_full": table, "relative_sum": {str(m): v for m, v in score.items()},
+            "chosen": {"DENSE_PROGRAMS_PER_SM": attention.DENSE_PROGRAMS_PER_SM, "M1_LINEAR": model_module.M1_LINEAR}}
+
+
+def profile_step(engine: Engine, cfg, batch: int, context: int, top: int = 12) -> dict:
+    """GPU time of one decode step's kernels, from the torch profiler: the total and the largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.set_method(cfg)
+    reset_decode_state(engine, batch, context)
+    graphs, engine.use_graphs = engine.use_graphs, False  # eager: the same kernels, each one recorded
+    try:
+        engine.step(batch)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.step(batch)
+            sync()
+    finally:
+        engine.use_graphs = graphs
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    events.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events)
+    return {"kernel_ms": total / 1e3, "launches": sum(e.count for e in events),
+            "top": [[e.key[:60], e.count, round(getattr(e, key) / 1e3, 4)] for e in events[:top]]}
 
 
 # ---- correctness on the GPU ---------------------------------------------------------------------
@@ -179,7 +252,7 @@ def run_checks() -> dict:
     torch.manual_seed(0)
     dev = DEV
     # 1. fused elementwise kernels vs their PyTorch references, bf16
-    x, res, w = (torch.randn(5, 4096, device=dev, dtype=DTYPE) for _ in range(3))
+    x, res, w = torch.randn(5, 4096, device=dev, dtype=DTYPE), torch.randn(5, 4096, device=dev, dtype=DTYPE), torch.randn(4096, device=dev, dtype=DTYPE)
     r1, r2 = res.clone(), res.clone()
     out["add_rmsnorm_rel_err"] = rel_err(kernels.add_rmsnorm(x, r1, w, 1e-6), kernels.add_rmsnorm(x, r2, w, 1e-6, impl="torch"))
     gu = torch.randn(5, 2 * 12288, device=dev, dtype=DTYPE)
@@ -265,11 +338,13 @@ def main():
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--hf-steps", type=int, default=4)
+    ap.add_argument("--hf-steps", type=int, default=12)
     ap.add_argument("--hf-max-batch", type=int, default=8, help="HF peer only where batch <= this (its cache doubles on every step)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--generate", action="store_true", help="also time Engine.generate end to end (8 x 2K prompts)")
+    ap.add_argument("--sweep", action="store_true", help="choose the dense split setting and batch-1 projection first")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one step at every point")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, measures nothing")
     args = ap.parse_args()
@@ -324,6 +399,10 @@ def main():
 
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     names = args.methods.split(",")
+    if args.sweep:
+        result["sweep"] = run_sweep(mcfg, weights, points, args)
+        save()
+    result["settings"] = {"DENSE_PROGRAMS_PER_SM": attention.DENSE_PROGRAMS_PER_SM, "M1_LINEAR": model_module.M1_LINEAR}
     rows = result["points"] = []
     for batch, context in points:
         t0 = time.perf_counter()
@@ -353,6 +432,12 @@ def main():
             engine.use_graphs = False
             row["full_eager_ms_per_step"] = statistics.median(time_steps(engine, batch, context, 3, 2)) * 1e3
             engine.use_graphs = True
+        if args.profile and DEV == "cuda":
+            try:
+                row["kernel_profile"] = {name: profile_step(engine, sparse_cfg(name, args.budget), batch, context) for name in names}
+                print("  kernel ms per step:", {n: round(p["kernel_ms"], 3) for n, p in row["kernel_profile"].items()}, flush=True)
+            except Exception as exc:  # a diagnostic only
+                row["kernel_profile"] = f"failed: {exc!r}"
         rows.append(row)
         print(f"  point done in {time.perf_counter() - t0:.0f} s", flush=True)
         del engine
@@ -401,8 +486,9 @@ def main():
             if row["batch"] > args.hf_max_batch:
                 row["hf_generate"] = "not run: DynamicCache concatenates the whole cache every step (2x its memory)"
                 continue
-            step = hf_generate_step(hf, row["batch"], row["context"], args.hf_steps)
-            row["hf_generate"] = {"ms_per_step": step * 1e3, "tokens_per_s": row["batch"] / step}
+            step, estimates = hf_generate_step(hf, row["batch"], row["context"], args.hf_steps)
+            row["hf_generate"] = {"ms_per_step": step * 1e3, "tokens_per_s": row["batch"] / step,
+                                  "ms_estimates": [e * 1e3 for e in estimates]}
             for m in row["methods"].values():
                 m["speedup_over_hf"] = step * 1e3 / m["ms_per_step"]
             print(f"HF generate B={row['batch']} L={row['context']}: {step * 1e3:.1f} ms/step", flush=True)

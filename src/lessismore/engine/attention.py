@@ -12,6 +12,7 @@ below); they are tested equal to ``select``. Every other case calls ``select`` i
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -26,12 +27,35 @@ from lessismore.ops import naive
 Observer = Callable[..., None]
 
 
+# Dense split-K attention over a row of the cache: how many programs per multiprocessor to aim for
+# (None: the kernel's own choice, about two waves). benchmarks/e2e.py --sweep times 4, 8 and 16 against
+# it on the GPU: on the H200 the kernel's choice was as fast or faster at every point measured.
+DENSE_PROGRAMS_PER_SM: int | None = None
+_BLOCK_N = 128  # the dense kernel's block of positions
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def dense_tuning(q: torch.Tensor, k_cache: torch.Tensor) -> dict:
+    """num_splits for the dense kernel at this (static) shape: programs ~ DENSE_PROGRAMS_PER_SM per
+    SM, each at least two blocks of positions."""
+    if not q.is_cuda or DENSE_PROGRAMS_PER_SM is None:
+        return {}
+    rows = q.shape[0] * k_cache.shape[1]
+    want = -(-DENSE_PROGRAMS_PER_SM * _sms(q.device.index or 0) // rows)
+    blocks = -(-k_cache.shape[2] // _BLOCK_N)
+    return {"num_splits": max(1, min(want, blocks // 2))}
+
+
 def dense_attention(q, k_cache, v_cache, lengths):
     """Full decode attention over slots 0..lengths[b]-1: the Triton split-K kernel on CUDA."""
     if q.is_cuda:
         from lessismore.ops.triton_decode import dense_decode_attention
 
-        return dense_decode_attention(q, k_cache, v_cache, lengths)
+        return dense_decode_attention(q, k_cache, v_cache, lengths, **dense_tuning(q, k_cache))
     return naive.dense_decode_attention(q, k_cache, v_cache, lengths)
 
 
@@ -76,12 +100,13 @@ class DecodeAttention:
         if self.fused and dense and name == "lessismore":
             from lessismore.ops.selection import select_lessismore
 
-            return select_lessismore(q, k_cache, v_cache, lengths, cfg)
+            return select_lessismore(q, k_cache, v_cache, lengths, cfg, **dense_tuning(q, k_cache))
         if self.fused and dense and name == "tidaldecode":
             from lessismore.ops.triton_decode import split_decode
 
             scores = torch.empty(q.shape[0], q.shape[1], k_cache.shape[2], device=q.device, dtype=torch.float32)
-            out = split_decode(q, k_cache, v_cache, None, lengths, dense=True, scores=scores, score_lo=0, score_window=1)
+            out = split_decode(q, k_cache, v_cache, None, lengths, dense=True, scores=scores, score_lo=0, score_window=1,
+                               **dense_tuning(q, k_cache))
             return out, tidal_selection(scores, lengths, cfg.budget)
         out = dense_attention(q, k_cache, v_cache, lengths) if dense else None
         if self.select_once and self.selection is not None:

@@ -252,6 +252,18 @@ def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> Weights:
     return Weights(embed=embed, layers=layers, final_norm=ones(h), lm_head=lm_head)
 
 
+# Batch-1 projections: "linear" (F.linear, cuBLASLt picks a GEMM) or "mv" (torch.mv, cuBLAS GEMV);
+# benchmarks/e2e.py times both on the GPU.
+M1_LINEAR = "linear"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if M1_LINEAR == "mv" and x.shape[0] == 1 and x.is_cuda:
+        y = torch.mv(weight, x[0]).unsqueeze(0)
+        return y if bias is None else y + bias
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 class Model:
     """A decoder stack and its rotary tables, with the two forward passes the engine runs: a prompt
     chunk of one sequence (prefill) and one token for each of a batch of rows (decode)."""
@@ -262,7 +274,7 @@ class Model:
 
     def _qkv(self, layer: LayerWeights, h, slots, positions, k_cache, v_cache):
         c = self.cfg
-        qkv = torch.nn.functional.linear(h, layer.wqkv, layer.bqkv)
+        qkv = linear(h, layer.wqkv, layer.bqkv)
         return qk_norm_rope_store(
             qkv, c.num_heads, c.num_kv_heads, c.head_dim, slots, positions, self.cos, self.sin,
             k_cache, v_cache, layer.qk_norm, c.rms_norm_eps,
@@ -271,7 +283,6 @@ class Model:
     def _mlp_and_next_norm(self, i: int, attn, residual):
         """o_proj, residual, MLP, residual; returns the normed input of layer i + 1 (or the final norm)."""
         c, layer = self.cfg, self.w.layers[i]
-        linear = torch.nn.functional.linear
         h = add_rmsnorm(linear(attn, layer.wo), residual, layer.post_norm, c.rms_norm_eps)
         mlp = linear(silu_mul(linear(h, layer.w_gate_up)), layer.w_down)
         nxt = self.w.layers[i + 1].input_norm if i + 1 < c.num_layers else self.w.final_norm
@@ -325,4 +336,4 @@ class Model:
             q = self._qkv(layer, h, slots, positions, k_caches[i], v_caches[i])
             out = attention(i, q, k_caches[i][:b], v_caches[i][:b], lengths)
             h = self._mlp_and_next_norm(i, out.reshape(b, c.num_heads * c.head_dim), residual)
-        return torch.nn.functional.linear(h, self.w.lm_head).float()
+        return linear(h, self.w.lm_head).float()
