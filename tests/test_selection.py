@@ -110,6 +110,11 @@ def test_tidaldecode_per_head_topk_plus_current():
     assert mask.sum(-1).tolist() == [8, 8, 8]
 
 
+def test_tidaldecode_budget_one_is_the_current_token_per_head():
+    mask = tidaldecode_mask(_scores(2, 3, 10), torch.ones(2, 10, dtype=torch.bool), 1)
+    assert mask.shape == (2, 3, 10) and mask.sum(-1).tolist() == [[1, 1, 1]] * 2 and mask[:, :, 9].all()
+
+
 def test_streaming_keeps_sinks_and_recent():
     valid = torch.ones(1, 30, dtype=torch.bool)
     valid[0, :5] = False

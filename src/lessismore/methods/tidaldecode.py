@@ -19,7 +19,9 @@ def tidaldecode_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> 
     rank, n = valid_ranks(valid)
     current = valid & (rank == (n - 1).unsqueeze(-1))
     eligible = (valid & ~current).unsqueeze(1).expand_as(scores)
-    mask = current.unsqueeze(1) | (per_head_top(scores, eligible, min(budget - 1, valid.shape[-1])) if budget > 1 else False)
+    mask = current.unsqueeze(1).expand_as(scores)
+    if budget > 1:
+        mask = mask | per_head_top(scores, eligible, min(budget - 1, valid.shape[-1]))
     return torch.where((n <= budget)[:, None, None], valid.unsqueeze(1), mask)
 
 
