@@ -26,11 +26,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def generator(one_thread):
-    from lessismore.models import load_model
-
-    model, tokenizer = load_model("default")
-    return HFGenerator(model, tokenizer)
+def generator(one_thread, default_model):
+    return HFGenerator(*default_model)
 
 
 # --- grading ----------------------------------------------------------------------------------------
