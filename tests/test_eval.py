@@ -312,3 +312,19 @@ def test_sharded_ranks_write_own_files_and_report_merges(generator, tmp_path, mo
     assert by_rank == {"samples.rank0.jsonl": ["0", "2"], "samples.rank1.jsonl": ["1"]}
     (row,) = compute_rows(read_records(tmp_path))
     assert (row["method"], row["budget"], row["n_problems"], row["truncated_frac"]) == ("full", None, 3, 1.0)
+
+
+def test_engine_generator_matches_hf_generator(generator):
+    """The fast engine behind the evaluation interface decodes what the HF path decodes (greedy)."""
+    from lessismore import Engine, SparseConfig
+    from lessismore.eval.generation import EngineGenerator
+
+    fast = EngineGenerator(Engine("default", device="cpu", max_batch=2, max_len=512))
+    prompts = [build_prompt(generator.tokenizer, "What is 7 * 8?"),
+               build_prompt(generator.tokenizer, "Name three prime numbers larger than 100.")]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    for sparse in (None, SparseConfig(method="lessismore", budget=32)):
+        expected = generator.generate(prompts, [1, 2], params, sparse)
+        got = fast.generate(prompts, [1, 2], params, sparse)
+        assert [c.text for c in got] == [c.text for c in expected]
+        assert [c.num_tokens for c in got] == [c.num_tokens for c in expected]

@@ -268,15 +268,15 @@ class Engine:
         temperature: float | Sequence[float] = 0.0,
         top_p: float | Sequence[float] = 1.0,
         top_k: int | Sequence[int] = 0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt (text or token ids), in batches of up to ``max_batch`` with slots
         refilled as sequences finish. Sampling parameters are one value or one per prompt; temperature
-        0 is greedy. Prompt i draws from the random stream ``seed + i``, so its tokens do not depend on
-        the batch it ran in. Stops at ``stop_token_ids`` (default: the model's EOS ids) unless
+        0 is greedy. Prompt i draws from the random stream ``seed + i`` (or ``seed[i]`` for a list of
+        seeds), so its tokens do not depend on the batch it ran in. Stops at ``stop_token_ids`` (default: the model's EOS ids) unless
         ``ignore_eos``, or after ``max_new_tokens``. ``on_tokens(i, new_ids)`` streams tokens."""
         n = len(prompts)
         encoded = [self.encode(p) for p in prompts]
@@ -284,6 +284,9 @@ class Engine:
         temps = [float(x) for x in _per_prompt(temperature, n, "temperature")]
         tps = [float(x) for x in _per_prompt(top_p, n, "top_p")]
         tks = [int(x) for x in _per_prompt(top_k, n, "top_k")]
+        seeds = [int(x) for x in seed] if isinstance(seed, (list, tuple)) else [seed + i for i in range(n)]
+        if len(seeds) != n:
+            raise ValueError(f"seed: {len(seeds)} seeds for {n} prompts")
         for i, (ids, lim, tp) in enumerate(zip(encoded, limits, tps)):
             if not ids:
                 raise ValueError(f"prompts[{i}]: empty prompt")
@@ -315,7 +318,7 @@ class Engine:
                 if owner[slot] is None and queue:
                     i = queue.popleft()
                     owner[slot] = i
-                    self._admit(slot, encoded[i], limits[i], temps[i], tps[i], tks[i], seed + i, not ignore_eos)
+                    self._admit(slot, encoded[i], limits[i], temps[i], tps[i], tks[i], seeds[i], not ignore_eos)
                     count_host[slot] = 1
                     stats.prefill_tokens += len(encoded[i])
             if self.device.type == "cuda":

@@ -30,6 +30,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--selection-layers", default=None, help="comma-separated layer indices (default: the model's)")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if a GPU is there, else cpu")
+    parser.add_argument("--engine", choices=["hf", "fast"], default="hf",
+                        help="hf: transformers generate; fast: lessismore.Engine (batched, CUDA graphs on GPU)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="fast engine: cache room for a prompt")
     parser.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
     return parser
 
@@ -74,7 +77,13 @@ def run_eval(args) -> int:
     from lessismore.eval.runner import evaluate, shard
 
     settings = settings_from_args(args)
-    result = evaluate(settings)
+    generator = None
+    if args.engine == "fast":
+        from lessismore.eval.generation import load_engine_generator
+
+        generator = load_engine_generator(settings.model, settings.device, settings.batch_size,
+                                          args.max_prompt_tokens + settings.max_new_tokens)
+    result = evaluate(settings, generator=generator)
     rank, world = shard()
     print(
         f"rank {rank}/{world}: {result['written']} samples written, {result['skipped']} already done -> {result['file']}",
