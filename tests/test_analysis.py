@@ -1,0 +1,195 @@
+"""The analysis tool: recall and fidelity along teacher-forced traces (lessismore.analysis)."""
+import hashlib
+import math
+
+import pytest
+import torch
+
+from lessismore.analysis import (
+    PACKAGED_TRACES,
+    AnalysisOptions,
+    analyze,
+    attention_recall,
+    encode_traces,
+    ground_truth_attention,
+    load_traces,
+    selection_mask,
+)
+from lessismore.analysis.report import write_report
+from lessismore.analysis.traces import make_batch
+from lessismore.config import SparseConfig
+from lessismore.integrations import hf
+from lessismore.methods import Selection
+
+BUDGET = 64
+METHODS = ("full", "lessismore", "tidaldecode", "quest", "streaming", "oracle")
+
+
+def _short_traces(tokenizer):
+    """Two real traces with short prompts (76 and 68 tokens), truncated to 90 tokens; the first is cut
+    4 tokens shorter so the batch is left-padded."""
+    rows = load_traces()
+    traces = encode_traces(tokenizer, [rows[3], rows[6]], max_tokens=90)
+    traces[0].ids = traces[0].ids[:-4]
+    return traces
+
+
+@pytest.fixture(scope="module")
+def result(default_model):
+    model, tokenizer = default_model
+    traces = _short_traces(tokenizer)
+    options = AnalysisOptions(base=SparseConfig(budget=BUDGET), methods=METHODS, batch_size=2,
+                              keep_details=True, progress=False)
+    return analyze(model, tokenizer, traces, options), traces
+
+
+def test_packaged_traces():
+    assert hashlib.sha256(PACKAGED_TRACES.read_bytes()).hexdigest() == (
+        "c3974b8dd8fea12f5a3acdca1a3bea019ad7d10dc5f5cbaebc716c2a119bb1c6"
+    )
+    rows = load_traces()
+    assert len(rows) == 32 and all(r["prompt"] and r["trace"] for r in rows)
+    assert len(load_traces(limit=3)) == 3
+
+
+def test_recall_hand_computation():
+    # One KV head, two query heads, four slots of which slot 0 is left padding.
+    q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # [B=1, Hq=2, D=2]
+    k = torch.tensor([[[[5.0, 5.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])  # [1, 1, L=4, 2]
+    valid = torch.tensor([[False, True, True, True]])
+    scale = 0.5
+    probs = ground_truth_attention(q, k, valid, scale)
+
+    def softmax(xs):
+        e = [math.exp(x) for x in xs]
+        return [x / sum(e) for x in e]
+
+    head0 = softmax([0.5 * 1, 0.5 * 0, 0.5 * 1])  # q0.k for slots 1, 2, 3
+    head1 = softmax([0.5 * 0, 0.5 * 2, 0.5 * 2])
+    assert probs[0, :, 0].tolist() == [0.0, 0.0]
+    assert torch.allclose(probs[0, 0, 1:], torch.tensor(head0), atol=1e-6)
+    assert torch.allclose(probs[0, 1, 1:], torch.tensor(head1), atol=1e-6)
+
+    # A shared set {1, 3}; the padding entry repeats slot 3 and must not count twice or clear it.
+    shared = Selection(indices=torch.tensor([[1, 3, 3]]), counts=torch.tensor([2], dtype=torch.int32))
+    recall = attention_recall(probs, selection_mask(shared, valid, 2))
+    assert torch.allclose(recall[0], torch.tensor([head0[0] + head0[2], head1[0] + head1[2]]), atol=1e-6)
+
+    # Per-head sets: head 0 reads {2}, head 1 reads {2, 3}.
+    per_head = Selection(indices=torch.tensor([[[2, 2], [2, 3]]]), counts=torch.tensor([[1, 2]], dtype=torch.int32))
+    recall = attention_recall(probs, selection_mask(per_head, valid, 2))
+    assert torch.allclose(recall[0], torch.tensor([head0[1], head1[1] + head1[2]]), atol=1e-6)
+
+    # Dense (no selection) reads everything valid: recall 1.
+    assert torch.allclose(attention_recall(probs, selection_mask(None, valid, 2)), torch.ones(1, 2))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_ground_truth_equals_dense_attention(default_model):
+    """At every decode layer, softmax(scale q.K) @ V from the recorded q/K/V equals the output of the
+    model's dense attention, in a left-padded batch."""
+    model, tokenizer = default_model
+    batch = make_batch(_short_traces(tokenizer), tokenizer.pad_token_id)
+    scale = next(m.scaling for m in model.modules() if type(m).__name__.endswith("Attention"))
+    checked = []
+
+    def observer(layer, role, q, k, v, valid, selection, out):
+        probs = ground_truth_attention(q, k, valid, scale)  # [B, Hq, L]
+        group = q.shape[1] // k.shape[1]
+        expected = torch.matmul(probs.unsqueeze(2), v.float().repeat_interleave(group, dim=1)).squeeze(2)
+        checked.append(float((expected - out.float()).abs().max()))
+
+    hf.enable(model, SparseConfig(method="full", budget=BUDGET))
+    hf.state_of(model).observers.append(observer)
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=batch.ids[:, : batch.start], attention_mask=batch.attention_mask[:, : batch.start],
+                        position_ids=batch.position_ids[:, : batch.start], use_cache=True)
+            cache = out.past_key_values
+            for s in range(batch.start, batch.start + 3):
+                model(input_ids=batch.ids[:, s: s + 1], attention_mask=batch.attention_mask[:, : s + 1],
+                      position_ids=batch.position_ids[:, s: s + 1], past_key_values=cache, use_cache=True)
+    finally:
+        hf.disable(model)
+    assert len(checked) == 3 * model.config.num_hidden_layers
+    assert max(checked) < 1e-4
+
+
+def test_full_has_recall_one_and_zero_kl(result):
+    summary, _ = result
+    full = summary["methods"]["full"]
+    assert full["steps"] > 0
+    assert full["mean_recall"] == pytest.approx(1.0, abs=1e-5)
+    assert full["mean_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert full["top1_agreement"] == 1.0
+    # Same step counts for all methods: both rows' trace steps with cache > budget.
+    assert {m["steps"] for m in summary["methods"].values()} == {full["steps"]}
+
+
+def test_oracle_bounds_every_method(result):
+    """At every step, sparse layer and head, no method's set holds more attention than the oracle's
+    top-K on the same q and K (same budget); the oracle method reaches exactly that bound."""
+    summary, _ = result
+    details = summary["_details"]["methods"]
+    for name, steps in details.items():
+        assert steps, name
+        if name == "full":  # reads the whole cache, not K positions
+            continue
+        for d in steps:
+            rows = d["counted"]
+            recall, bound = d["recall"][rows], d["bound"][rows]
+            seen = ~torch.isnan(recall)
+            assert seen.any(), name
+            assert torch.all(bound[seen] >= recall[seen] - 1e-5), (name, d["step"])
+            if name == "oracle":
+                assert torch.allclose(recall[seen], bound[seen], atol=1e-5)
+    # The same holds for the means.
+    for name, m in summary["methods"].items():
+        if name != "full":
+            assert m["mean_recall"] <= m["oracle_bound_recall"] + 1e-6, name
+
+
+def test_teacher_forcing_is_decode(result, default_model):
+    """The full run's logits at every step equal a plain forward over the same (unpadded) prefix."""
+    model, _ = default_model
+    summary, traces = result
+    by_id = {t.id: t for t in traces}
+    log = summary["_details"]["ref_logits"]
+    assert len(log) > 10
+    worst = 0.0
+    with torch.inference_mode():
+        for entry in log[::3]:
+            for row, trace_id in enumerate(entry["traces"]):
+                prefix = by_id[trace_id].ids[: entry["step"] + 1 - int(entry["pad"][row])]
+                plain = model(input_ids=torch.tensor([prefix])).logits[0, -1].float()
+                worst = max(worst, float((plain - entry["logits"][row]).abs().max()))
+    assert worst < 2e-3
+
+
+def test_report_files(result, tmp_path):
+    summary, _ = result
+    files = write_report(summary, tmp_path)
+    for name in ("summary.json", "summary.md", "recall_vs_step.png", "kl_vs_step.png",
+                 "recall_vs_recent_ratio.png", "head_overlap.png"):
+        assert name in files and (tmp_path / name).stat().st_size > 0
+    import json
+
+    data = json.loads((tmp_path / "summary.json").read_text())
+    for m in data["methods"].values():
+        assert set(m) >= {"mean_recall", "mean_kl", "top1_agreement", "steps"}
+    assert "_details" not in data
+    assert len(data["recent_ratio"]["recall"]) == 6
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--limit", "0"], "limit"),
+    (["--methods", "lessismore,nope"], "methods"),
+    (["--recent-ratios", "0,1.5"], "recent_ratios"),
+    (["--budget", "0"], "budget"),
+    (["--max-tokens", "1"], "max_tokens"),
+])
+def test_cli_rejects_bad_input(argv, field, tmp_path, capsys):
+    from lessismore.cli import main
+
+    assert main(["analyze", *argv, "--out", str(tmp_path)]) == 2
+    assert f"error: {field}:" in capsys.readouterr().err
