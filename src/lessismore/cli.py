@@ -195,31 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="don't stream the text")
     gen.set_defaults(func=cmd_generate)
 
-    _add_optional_commands(sub)
+    _add_study_commands(sub)
     return parser
 
 
-def _add_optional_commands(sub) -> None:
-    """Subcommands whose modules live beside the core (analysis, evaluation)."""
-    try:
-        from lessismore.eval import cli as eval_cli
-    except ImportError:
-        eval_cli = None
-    if eval_cli is not None:
-        ev = sub.add_parser("eval", help="accuracy on a reasoning benchmark, methods x budgets")
-        eval_cli.add_eval_arguments(ev)
-        ev.set_defaults(func=eval_cli.run_eval)
-        rep = sub.add_parser("report", help="tables and plots from an eval run")
-        eval_cli.add_report_arguments(rep)
-        rep.set_defaults(func=eval_cli.run_report)
-    try:
-        from lessismore.analysis import cli as analysis_cli
-    except ImportError:
-        analysis_cli = None
-    if analysis_cli is not None:
-        an = sub.add_parser("analyze", help="attention recall and fidelity along reasoning traces")
-        analysis_cli.add_analyze_arguments(an)
-        an.set_defaults(func=analysis_cli.run_analyze)
+def _add_study_commands(sub) -> None:
+    """The evaluation and analysis subcommands; their arguments live beside their code."""
+    from lessismore.analysis import cli as analysis_cli
+    from lessismore.eval import cli as eval_cli
+
+    commands = [
+        ("eval", "accuracy on a reasoning benchmark, methods x budgets", eval_cli.add_eval_arguments, eval_cli.run_eval),
+        ("report", "tables and plots from an eval run", eval_cli.add_report_arguments, eval_cli.run_report),
+        ("analyze", "attention recall and fidelity along reasoning traces", analysis_cli.add_analyze_arguments,
+         analysis_cli.run_analyze),
+    ]
+    for name, help_text, add_arguments, run in commands:
+        parser = sub.add_parser(name, help=help_text)
+        add_arguments(parser)
+        parser.set_defaults(func=run)
 
 
 def _validate_generate(args) -> None:
