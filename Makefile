@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # an existing torch is left alone.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test
+.PHONY: install run test test-core test-vllm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,5 +22,12 @@ run: install
 	$(VENV)/bin/lessismore generate --model default --method lessismore --budget 256 --compare-full \
 		--max-new-tokens 128 --prompt-file examples/aime24_problem60.txt
 
-test: install
-	$(PY) -m pytest -q
+test: test-core test-vllm
+
+test-core: install
+	$(PY) -m pytest -q --ignore=tests/test_vllm.py
+
+# vLLM pins its own torch and transformers: its tests run in a venv of their own.
+test-vllm:
+	scripts/setup_vllm_venv.sh
+	.venv-vllm/bin/python -m pytest -q tests/test_vllm.py
