@@ -1,6 +1,11 @@
 import os; os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The models under test are small: one intra-op thread is as fast on 2 cores and does not stall when
+# the machine is shared (a busy thread pool made small ops ~100x slower here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
