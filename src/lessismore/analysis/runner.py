@@ -100,6 +100,8 @@ class _MethodRecord:
     name: str
     cfg: SparseConfig
     sparse_layers: list[int]
+    sparse_set: set = field(default_factory=set)
+    n_entries: int = 0  # sparse layers x query heads
     state: hf.DecodeState | None = None
     cache: object = None
     recall: torch.Tensor | None = None  # this step [B, nL, Hq], NaN where not recorded
@@ -249,9 +251,9 @@ class Analyzer:
             rec.sparse_layers = list(range(self.num_layers)) if name == "full" else [
                 i for i, r in enumerate(roles) if r in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE)
             ]
-            n_entries = len(rec.sparse_layers) * self.num_q
+            rec.sparse_set = set(rec.sparse_layers)
+            rec.n_entries = len(rec.sparse_layers) * self.num_q
             rec.recall_sum, rec.bound_sum, rec.layer_sum = _Sum(), _Sum(), _Sum((self.num_layers,))
-            rec.n_entries = n_entries
             self.records[name] = rec
         lim_cfg = dataclasses.replace(base, method="lessismore").resolve(config.model_type, self.num_layers, config.hidden_size)
         self.lim_cfg = lim_cfg
@@ -285,8 +287,6 @@ class Analyzer:
 
     # ---- the run ----
     def run(self, traces: list[Trace], pad_id: int) -> dict:
-        for rec in self.records.values():
-            rec.sparse_set = set(rec.sparse_layers)
         batches = pack_batches(traces, self.opt.batch_size, pad_id)
         total_steps = sum(b.ids.shape[1] - b.start for b in batches)
         bar = tqdm(total=total_steps, desc="analyze", unit="step", disable=not self.opt.progress)
