@@ -72,6 +72,8 @@ def lessismore_attention(module, query, key, value, attention_mask, scaling=None
             state.in_decode = False
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+    if state.read is None:  # decoding on a cache this state did not prefill (e.g. a copied one)
+        state.reset_stats(query.device)
     state.in_decode = True
     layer = module.layer_idx
     role = state.roles[layer]
