@@ -1,7 +1,6 @@
 """Reasoning traces: loading, tokenizing, truncating, and packing into left-padded batches."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,21 +21,15 @@ class Trace:
 def load_traces(path: str | Path | None = None, limit: int | None = None) -> list[dict]:
     """Rows of a traces JSONL file (fields ``prompt`` and ``trace`` at least; ``id`` optional). The
     default is the packaged file (32 traces, see data/TRACES.md)."""
+    from lessismore.eval.tasks import read_jsonl
+
     path = Path(path) if path is not None else PACKAGED_TRACES
-    if not path.is_file():
-        raise FileNotFoundError(f"traces: {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("trace"), str):
-                raise ValueError(f"traces: line {number} of {path} needs string fields 'prompt' and 'trace'")
-            row.setdefault("id", f"{path.name}:{number}")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    rows = read_jsonl(path, "traces")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("trace"), str):
+            raise ValueError(f"traces: row {number} of {path} needs string fields 'prompt' and 'trace'")
+        row.setdefault("id", f"{path.name}:{number}")
+    rows = rows[:limit] if limit is not None else rows
     if not rows:
         raise ValueError(f"traces: {path} holds no traces")
     return rows
