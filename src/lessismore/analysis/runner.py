@@ -209,11 +209,6 @@ def _attention_scale(model) -> float:
     return float(model.config.head_dim if hasattr(model.config, "head_dim") else 0) ** -0.5
 
 
-def _activate(modules, state) -> None:
-    for module in modules:
-        setattr(module, hf.STATE_ATTR, state)
-
-
 def _forward(model, batch: Batch, cols: slice, cache, device):
     with warnings.catch_warnings():  # transformers 5.x renames past_key_values; 4.x knows only that name
         warnings.simplefilter("ignore", FutureWarning)
@@ -239,7 +234,6 @@ class Analyzer:
         self.num_kv = getattr(config, "num_key_value_heads", None) or self.num_q
         self.scale = _attention_scale(model)
         self.device = next(model.parameters()).device
-        self.modules = hf._attention_modules(model)
         base = options.base
         self.ref = self._make_state(dataclasses.replace(base, method="full"), observer=self._observe_ref)
         self.records: dict[str, _MethodRecord] = {}
@@ -266,7 +260,6 @@ class Analyzer:
     def _make_state(self, cfg: SparseConfig, observer):
         hf.enable(self.model, cfg)
         state = hf.state_of(self.model)
-        state.reset_stats(self.device)
         state.observers.append(observer)
         return state
 
@@ -303,7 +296,7 @@ class Analyzer:
         budget = self.opt.base.budget
         b, length = batch.ids.shape
         min_pad = int(batch.pad.min())
-        _activate(self.modules, self.ref)
+        hf.activate(self.model, self.ref)
         self.counted = None
         _, ref_cache = _forward(self.model, batch, slice(0, batch.start), None, self.device)
         for rec in self.records.values():
@@ -319,7 +312,7 @@ class Analyzer:
                     if rec.cache is None:
                         rec.cache = copy.deepcopy(ref_cache)
             self.counted = counted
-            _activate(self.modules, self.ref)
+            hf.activate(self.model, self.ref)
             ref_logits, ref_cache = _forward(self.model, batch, slice(s, s + 1), ref_cache, self.device)
             self.counted = None
             if self.opt.keep_details:
@@ -329,7 +322,7 @@ class Analyzer:
                 for rec in self.records.values():
                     rec.recall = torch.full((b, self.num_layers, self.num_q), float("nan"))
                     rec.bound = rec.recall.clone()
-                    _activate(self.modules, rec.state)
+                    hf.activate(self.model, rec.state)
                     logits, rec.cache = _forward(self.model, batch, slice(s, s + 1), rec.cache, self.device)
                     fid = {key: val.cpu() for key, val in M.next_token_fidelity(ref_logits, logits).items()}
                     self._record_step(rec, s, n, counted, fid, rows)

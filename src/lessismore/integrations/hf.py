@@ -181,6 +181,13 @@ def sparse_attention(model, cfg: SparseConfig):
         disable(model)
 
 
+def activate(model, state: DecodeState) -> None:
+    """Make ``state`` (taken with ``state_of`` after an earlier ``enable``) the one the model's attention
+    uses: a caller can keep one state per method on one model and switch between them per forward."""
+    for module in _attention_modules(model):
+        setattr(module, STATE_ATTR, state)
+
+
 def state_of(model) -> DecodeState:
     state = getattr(_attention_modules(model)[0], STATE_ATTR, None)
     if state is None:
