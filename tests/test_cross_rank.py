@@ -1,4 +1,4 @@
-"""The cross-rank LessIsMore union (issue 8) with torch.distributed's gloo backend in 2 processes: every
+"""The cross-rank LessIsMore union with torch.distributed's gloo backend in 2 processes: every
 rank ends with the same set, equal to the single-process selection of all heads."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lessismore import SparseConfig, methods
-from lessismore.integrations import cross_rank
+from lessismore.methods.base import Method
+from lessismore.methods.lessismore import distributed as cross_rank
 from lessismore.methods.lessismore import unified_union
 
 WORLD = 2
@@ -51,8 +52,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
         for seed, cfg in enumerate(CONFIGS):
             q, k, valid = _case(seed)
             hq, hkv = q.shape[1] // WORLD, k.shape[1] // WORLD
-            sel = cross_rank.lessismore_select(
-                cfg, q[:, rank * hq : (rank + 1) * hq], k[:, rank * hkv : (rank + 1) * hkv], valid
+            # Through the method, as the executor calls it.
+            sel = methods.get("lessismore").select_sharded(
+                cfg, q[:, rank * hq : (rank + 1) * hq], k[:, rank * hkv : (rank + 1) * hkv], valid, dist.group.WORLD
             )
             results.append((sel.indices, sel.counts))
         # The union alone, on per-head lists with some entries that are not real.
@@ -98,12 +100,23 @@ def test_cross_rank_single_process_is_the_plain_selection():
     """Without an initialized process group (one rank) the functions are the single-process ones."""
     for i, cfg in enumerate(CONFIGS):
         q, k, valid = _case(i)
-        got = cross_rank.lessismore_select(cfg, q, k, valid)
+        got = cross_rank.select_across_ranks(cfg, q, k, valid)
         expected = methods.get("lessismore").select(cfg, q, k, valid)
         assert torch.equal(got.indices, expected.indices) and torch.equal(got.counts, expected.counts)
 
 
-def test_cross_rank_rejects_other_methods():
+def test_sharded_selection_of_other_methods():
+    """Per-head methods select on a rank's own heads; a shared, query-dependent set without a
+    cross-rank union is refused rather than silently made per rank."""
     q, k, valid = _case(0)
-    with pytest.raises(ValueError, match="^method:"):
-        cross_rank.lessismore_select(SparseConfig(method="tidaldecode", budget=8, selection_layers=(2,)), q, k, valid)
+    cfg = SparseConfig(method="tidaldecode", budget=8, selection_layers=(2,))
+    tidal = methods.get("tidaldecode")
+    got = tidal.select_sharded(cfg, q[:, :4], k[:, :2], valid, group=object())
+    expected = tidal.select(cfg, q[:, :4], k[:, :2], valid)
+    assert torch.equal(got.indices, expected.indices)
+
+    class SharedSet(Method):
+        name = "shared-set-test"
+
+    with pytest.raises(NotImplementedError, match="tensor-parallel"):
+        SharedSet().select_sharded(cfg, q, k, valid, group=object())

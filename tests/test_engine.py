@@ -13,10 +13,10 @@ from lessismore import methods
 from lessismore.config import SparseConfig
 from lessismore.engine import Engine, ModelConfig
 from lessismore.engine import kernels
-from lessismore.engine.attention import tidal_selection
 from lessismore.integrations.hf import state_of
 from lessismore.methods import LayerRole
 from lessismore.methods.base import grouped_scores
+from lessismore.methods.tidaldecode import selection_from_scores
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -62,12 +62,32 @@ def test_lessismore_with_budget_over_context_equals_full(hf_full_tokens):
     engine = Engine("default", cfg=SparseConfig(method="lessismore", budget=128, sink_tokens=4), max_batch=1, max_len=128)
     result = engine.generate([PROMPT], max_new_tokens=NEW, ignore_eos=True)[0]
     assert result.token_ids == hf_full_tokens
+    assert engine.kv_stats()["kv_read_fraction"] == 1.0
+
+
+def lessismore_by_definition(cfg, q, k, n):
+    """LessIsMore's set for one row, straight from the definition (Python loops, no library code): the
+    sinks, the last R - s positions, and the first k distinct positions of the heads' top lists taken
+    rank by rank (equal scores: lower position first)."""
+    if n <= cfg.budget:
+        return list(range(n))
+    scores = grouped_scores(q[None], k[None, :, :n])[0].tolist()  # [Hq][n]
+    r, s = cfg.recent_share, cfg.effective_sinks
+    kept = set(range(s)) | set(range(n - (r - s), n))
+    middle = [p for p in range(n) if p not in kept]
+    lists = [sorted(middle, key=lambda p: (-head[p], p)) for head in scores]
+    order = []
+    for rank in range(len(middle)):
+        for head_list in lists:
+            if head_list[rank] not in order:
+                order.append(head_list[rank])
+    return sorted(kept | set(order[: cfg.budget - r]))
 
 
 def test_small_budget_selects_what_the_core_library_selects(default_model):
-    """Budget 12 over a ~40-token context: the engine's selection at every selection layer equals
-    ``methods.get('lessismore').select`` on the engine's own q/k, and the HF integration's selection on
-    the same step (same model, same tokens)."""
+    """Budget 12 over a ~40-token context: the engine's selection at every selection layer equals the
+    set computed from the definition on the engine's own q/k, and the HF integration's selection on the
+    same step (same model, same tokens)."""
     model, tokenizer = default_model
     cfg = SparseConfig(method="lessismore", budget=12, recent_ratio=0.25, sink_tokens=2)
     prompt = "Question: what is 17 times 23? Think step by step, then give the answer. Answer:"
@@ -79,14 +99,12 @@ def test_small_budget_selects_what_the_core_library_selects(default_model):
         if role is LayerRole.SELECT_DENSE:
             seen.append((layer, q.clone(), k.clone(), valid.clone(), selection))
 
-    engine.attention.observers.append(record)
+    engine.executor.observers.append(record)
     result = engine.generate([prompt], max_new_tokens=steps + 1, ignore_eos=True)[0]
     selection_layers = engine.cfg.selection_layers
     assert [s[0] for s in seen] == list(selection_layers) * steps
-    core = methods.get("lessismore")
     for layer, q, k, valid, selection in seen:
-        expected = core.select(engine.cfg, q[:1], k[:1], valid[:1])
-        assert _set(selection, 0) == _set(expected, 0)
+        assert _set(selection, 0) == lessismore_by_definition(engine.cfg, q[0], k[0], int(valid[0].sum()))
         assert int(selection.counts[0]) == cfg.budget
 
     # The HF integration on the same prompt and tokens: the same sets, step by step.
@@ -117,10 +135,10 @@ def test_tidal_selection_equals_core_library():
     lengths = torch.tensor([50, 9, 31], dtype=torch.int32)
     valid = torch.arange(length) < lengths[:, None].long()
     for budget in (2, 8, 10, 16, 64):
-        cfg = SparseConfig(method="tidaldecode", budget=budget, sink_tokens=0)
+        cfg = SparseConfig(method="tidaldecode", budget=budget)
         eligible = valid & (torch.arange(length) < (lengths[:, None].long() - 1))
         scores = grouped_scores(q, k).masked_fill(~eligible[:, None, :], float("-inf"))
-        ours = tidal_selection(scores, lengths, budget)
+        ours = selection_from_scores(scores, lengths, budget, kernels=False)
         theirs = methods.get("tidaldecode").select(cfg, q, k, valid)
         assert ours.indices.shape == theirs.indices.shape
         assert torch.equal(ours.counts, theirs.counts)
@@ -189,20 +207,44 @@ def test_architectures_match_transformers(tmp_path, variant):
     assert got == ref[0, 40:].tolist()
 
 
+TINY = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
+                  num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True)
+
+
 def test_random_weights_and_validation():
-    cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True)
-    engine = Engine(cfg, cfg=SparseConfig(method="tidaldecode", budget=8, sink_tokens=0), max_batch=3, max_len=40)
-    results = engine.generate([[1, 2, 3], list(range(20))], max_new_tokens=[10, 6])
+    engine = Engine(TINY, cfg=SparseConfig(method="tidaldecode", budget=8), max_batch=3, max_len=40)
+    results = engine.generate([[1, 2, 3], list(range(20))], max_new_tokens=[10, 6], ignore_eos=True)
     assert [len(r.token_ids) for r in results] == [10, 6] and results[0].text is None
     with pytest.raises(ValueError, match="max_len"):
         engine.generate([list(range(30))], max_new_tokens=20)
     with pytest.raises(ValueError, match="tokenizer"):
         engine.generate(["text"])
-    # Streaming (a per-layer selection) and Quest run too.
-    for method in ("streaming", "quest"):
-        e = Engine(cfg, cfg=SparseConfig(method=method, budget=8, sink_tokens=2, page_size=4), max_batch=2, max_len=40)
-        assert len(e.generate([list(range(25))], max_new_tokens=5)[0].token_ids) == 5
+    with pytest.raises(ValueError, match="cfg"):
+        Engine(TINY, cfg=None)
+    with pytest.raises(ValueError, match="max_batch, max_len"):  # a cache far beyond free memory, refused up front
+        Engine(TINY, max_batch=1 << 20, max_len=1 << 20)
+
+
+@pytest.mark.parametrize("method", ["streaming", "quest", "tidaldecode", "lessismore", "oracle"])
+def test_sparse_methods_read_what_their_budget_allows(method):
+    """Random weights, budget 8 over a 25-token prompt + 5 steps: with the budget at the whole context
+    the tokens equal full attention's; at budget 8 the KV read count equals what the schedule implies
+    (dense layers read n, sparse layers min(K, n), Quest whole pages of 4)."""
+    prompt, new = list(range(25)), 6
+    full = Engine(TINY, max_batch=1, max_len=40).generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids
+    wide = Engine(TINY, cfg=SparseConfig.for_method(method, budget=40, page_size=4), max_batch=1, max_len=40)
+    assert wide.generate([prompt], max_new_tokens=new, ignore_eos=True)[0].token_ids == full
+    engine = Engine(TINY, cfg=SparseConfig.for_method(method, budget=8, page_size=4, sink_tokens=2), max_batch=1, max_len=40)
+    engine.generate([prompt], max_new_tokens=new, ignore_eos=True)
+    roles = engine.executor.roles
+    dense = sum(r in (LayerRole.FULL, LayerRole.SELECT_DENSE) for r in roles)
+    lengths = range(len(prompt) + 1, len(prompt) + new)  # the decode steps' context lengths
+    # Quest: the current (partial) page and one more whole page of 4.
+    per_sparse_layer = [4 + (n - 1) % 4 + 1 if method == "quest" else min(8, n) for n in lengths]
+    expected = sum(dense * n + (len(roles) - dense) * k for n, k in zip(lengths, per_sparse_layer))
+    stats = engine.kv_stats()
+    assert stats["sequence_steps"] == new - 1
+    assert stats["kv_positions_per_layer"] * (new - 1) * len(roles) == pytest.approx(expected)
 
 
 _interpreted = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"

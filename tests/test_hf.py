@@ -4,7 +4,7 @@ import torch
 
 import lessismore as lim
 from lessismore import SparseConfig
-from lessismore.integrations import hf
+from lessismore import decode
 from lessismore.methods import LayerRole
 
 METHODS = ["lessismore", "tidaldecode", "quest", "streaming", "oracle"]
@@ -26,7 +26,7 @@ def full_run(default_model, chat_prompt):
 @pytest.mark.parametrize("method", ["full"] + METHODS)
 def test_budget_over_context_is_exact(default_model, chat_prompt, full_run, method):
     model, _ = default_model
-    with lim.sparse_attention(model, SparseConfig(method=method, budget=4096)):
+    with lim.sparse_attention(model, SparseConfig.for_method(method, budget=4096)):
         tokens, logits = _greedy(model, chat_prompt)
         stats = lim.stats(model)
     assert tokens.shape[1] >= 64
@@ -38,11 +38,11 @@ def test_budget_over_context_is_exact(default_model, chat_prompt, full_run, meth
 def test_sparse_layers_read_only_the_selected_positions(default_model, chat_prompt, monkeypatch):
     model, _ = default_model
     seen = []
-    real = hf.ops.decode_attention
+    real = decode.ops.decode_attention
 
-    def recording(q, k, v, selection, scale=None):
+    def recording(q, k, v, selection, scale=None, triton=None):
         seen.append((k.shape[2], selection.indices.clone(), selection.counts.clone()))
-        out = real(q, k, v, selection, scale)
+        out = real(q, k, v, selection, scale, triton)
         # Attention over the selection equals dense attention with everything else masked out.
         b, hq, d = q.shape
         g = hq // k.shape[1]
@@ -53,7 +53,7 @@ def test_sparse_layers_read_only_the_selected_positions(default_model, chat_prom
         torch.testing.assert_close(out, torch.einsum("bhl,bhld->bhd", w.softmax(-1), vv), rtol=1e-4, atol=1e-5)
         return out
 
-    monkeypatch.setattr(hf.ops, "decode_attention", recording)
+    monkeypatch.setattr(decode.ops, "decode_attention", recording)
     cfg = lim.enable(model, SparseConfig(method="lessismore", budget=64))
     try:
         _greedy(model, chat_prompt, new=4)
@@ -87,7 +87,7 @@ def test_left_padded_batch_matches_single(default_model, method):
                "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     assert batch.attention_mask[:, 0].tolist() == [0, 0, 1]
-    cfg = SparseConfig(method=method, budget=16, sink_tokens=2, page_size=4)
+    cfg = SparseConfig.for_method(method, budget=16, sink_tokens=2, page_size=4)
     with lim.sparse_attention(model, cfg):
         together, _ = _greedy(model, batch.input_ids, batch.attention_mask, new=24)
         for i, prompt in enumerate(prompts):
@@ -106,11 +106,29 @@ def test_left_padded_batch_matches_single(default_model, method):
         (dict(recent_ratio=-0.1), "recent_ratio"),
         (dict(budget=8, sink_tokens=8), "sink_tokens"),
         (dict(method="nope"), "method"),
+        (dict(method="tidaldecode", recent_ratio=0.9), "recent_ratio"),
+        (dict(method="tidaldecode", page_size=7), "page_size"),
+        (dict(method="tidaldecode", sink_tokens=2), "sink_tokens"),
+        (dict(method="full", budget=64), "budget"),
+        (dict(method="quest", budget=32, page_size=64), "page_size"),
+        (dict(method="streaming", recent_ratio=0.5), "recent_ratio"),
+        (dict(selection_layers=(2,), full_layers=(2,)), "selection_layers"),
+        (dict(full_layers="01"), "full_layers"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
         SparseConfig(**kwargs)
+
+
+def test_config_defaults_come_from_the_method():
+    assert SparseConfig(method="tidaldecode", budget=2) == SparseConfig(method="tidaldecode", budget=2, full_layers=(0, 1))
+    lim_cfg = SparseConfig()
+    assert (lim_cfg.budget, lim_cfg.recent_ratio, lim_cfg.sink_tokens, lim_cfg.page_size) == (2048, 0.25, 4, None)
+    assert SparseConfig(method="quest").page_size == 16 and SparseConfig(method="quest").sink_tokens is None
+    assert SparseConfig(method="full").budget is None
+    assert SparseConfig.for_method("full", budget=64, page_size=4) == SparseConfig(method="full")
+    assert SparseConfig.for_method("quest", budget=64, page_size=64, recent_ratio=0.5).page_size == 64
 
 
 def test_selection_layer_out_of_range(default_model):

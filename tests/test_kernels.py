@@ -1,4 +1,4 @@
-"""Triton kernels against the PyTorch references (issue 5).
+"""Triton kernels against the PyTorch references.
 
 On CPU they run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before any
 kernel is defined); on a GPU machine run them with TRITON_INTERPRET=0 and they run compiled, bf16 too.
@@ -10,11 +10,13 @@ import torch
 pytest.importorskip("triton")
 
 from lessismore.config import SparseConfig  # noqa: E402
-from lessismore.methods import get  # noqa: E402
+from lessismore.methods import Selection, get  # noqa: E402
 from lessismore.methods.base import grouped_scores, mask_to_selection  # noqa: E402
 from lessismore.methods.lessismore import lessismore_mask, unified_union  # noqa: E402
 from lessismore.ops import naive  # noqa: E402
-from lessismore.ops import selection, triton_decode  # noqa: E402
+from lessismore.decode import DecodeCache  # noqa: E402
+from lessismore.methods.lessismore import triton as lessismore_triton  # noqa: E402
+from lessismore.ops import triton_decode  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not triton_decode.INTERPRETED
 if not ON_GPU and not triton_decode.INTERPRETED:
@@ -27,6 +29,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SHAPES = [(2, 2, 4, 64, 200, 77), (3, 1, 7, 128, 150, 100), (1, 2, 1, 64, 300, 130), (2, 1, 8, 128, 90, 64)]
 if ON_GPU:
     SHAPES += [(4, 8, 4, 128, 5000, 1000), (1, 8, 4, 128, 40000, 4096), (32, 8, 4, 128, 3000, 2048)]
+
+
+def fused_lessismore(q, k, v, lengths, cfg):
+    """LessIsMore's fused selection layer on the kernels (forced: under the interpreter on CPU)."""
+    return lessismore_triton.fused_select(cfg, q, DecodeCache(k, v, lengths=lengths, kernels=True))
 
 
 def rel_err(out, ref):
@@ -89,7 +96,7 @@ def test_scale_and_dispatch():
     idx, counts = random_sets(2, 100, 33)
     ref = naive.sparse_decode_attention(q, k, v, idx, counts, scale=0.3)
     assert rel_err(triton_decode.sparse_decode_attention(q, k, v, idx, counts, scale=0.3), ref) < 1e-5
-    assert rel_err(ops.sparse_decode_attention(q, k, v, idx, counts, scale=0.3), ref) < 1e-5
+    assert rel_err(ops.decode_attention(q, k, v, Selection(idx, counts), scale=0.3), ref) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,10 +120,10 @@ def test_dense_attention_writes_scores(shape, dtype):
 
 
 CONFIGS = [
-    SparseConfig(budget=64, recent_ratio=0.25, sink_tokens=4),
-    SparseConfig(budget=40, recent_ratio=0.1, sink_tokens=8),  # R = 4 < s: no sinks
-    SparseConfig(budget=100, recent_ratio=1.0, sink_tokens=4),  # all recent, no ranked share
-    SparseConfig(budget=37, recent_ratio=0.3, sink_tokens=0),
+    SparseConfig(method="lessismore", budget=64, recent_ratio=0.25, sink_tokens=4),
+    SparseConfig(method="lessismore", budget=40, recent_ratio=0.1, sink_tokens=8),  # R = 4 < s: no sinks
+    SparseConfig(method="lessismore", budget=100, recent_ratio=1.0, sink_tokens=4),  # all recent, no ranked share
+    SparseConfig(method="lessismore", budget=37, recent_ratio=0.3, sink_tokens=0),
 ]
 
 
@@ -128,7 +135,7 @@ def check_select(cfg, b, hkv, g, d, length, dtype):
     v = rand(b, hkv, length, d, dtype=dtype)
     # A full row, a row at the budget, one just past it, and a short one.
     lengths = torch.tensor([length, cfg.budget, cfg.budget + 1, 30], device=DEVICE, dtype=torch.int32)[:b]
-    out, sel = selection.select_lessismore(q, k, v, lengths, cfg)
+    out, sel = fused_lessismore(q, k, v, lengths, cfg)
     valid = torch.arange(length, device=DEVICE) < lengths.view(-1, 1)
     ref = get("lessismore").select(cfg, q, k, valid)
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
@@ -144,16 +151,16 @@ def test_select_lessismore_matches_method(cfg, dtype):
 
 @pytest.mark.skipif(not ON_GPU, reason="a long cache is slow in the interpreter")
 def test_select_lessismore_matches_method_long():
-    """Qwen3-8B heads, 32K slots: the top-k runs on torch's large-slice path."""
-    check_select(SparseConfig(budget=2048, recent_ratio=0.25, sink_tokens=4), 4, 8, 4, 128, 32768, torch.bfloat16)
+    """Qwen3-8B heads, 32K slots."""
+    check_select(SparseConfig(method="lessismore", budget=2048, recent_ratio=0.25, sink_tokens=4), 4, 8, 4, 128, 32768, torch.bfloat16)
 
 
 def test_select_lessismore_cache_shorter_than_budget():
-    cfg = SparseConfig(budget=256, recent_ratio=0.25, sink_tokens=4)
+    cfg = SparseConfig(method="lessismore", budget=256, recent_ratio=0.25, sink_tokens=4)
     q = rand(2, 4, 64, dtype=torch.float32)
     k, v = cache(2, 1, 100, 64, torch.float32)
     lengths = torch.tensor([100, 7], device=DEVICE, dtype=torch.int32)
-    _, sel = selection.select_lessismore(q, k, v, lengths, cfg)
+    _, sel = fused_lessismore(q, k, v, lengths, cfg)
     ref = get("lessismore").select(cfg, q, k, torch.arange(100, device=DEVICE) < lengths.view(-1, 1))
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
 
@@ -161,7 +168,7 @@ def test_select_lessismore_cache_shorter_than_budget():
 @pytest.mark.parametrize("heads,length,budget", [(8, 400, 64), (5, 97, 40)] + ([(32, 32768, 2048)] if ON_GPU else []))
 def test_union_matches_reference(heads, length, budget):
     """The fast union on random real-valued scores (same scores for both sides), rows of several lengths."""
-    cfg = SparseConfig(budget=budget, recent_ratio=0.25, sink_tokens=4)
+    cfg = SparseConfig(method="lessismore", budget=budget, recent_ratio=0.25, sink_tokens=4)
     b = 3
     lengths = torch.tensor([length, budget + 1, length // 2], device=DEVICE, dtype=torch.int32)
     valid = torch.arange(length, device=DEVICE) < lengths.view(-1, 1)
@@ -170,8 +177,8 @@ def test_union_matches_reference(heads, length, budget):
     scores = torch.randn(b, 1, length, device=DEVICE) + 0.5 * torch.randn(b, heads, length, device=DEVICE)
     pos = torch.arange(length, device=DEVICE)
     middle = valid & (pos >= sinks) & (pos < lengths.view(-1, 1) - (recent - sinks))
-    values, top = scores.masked_fill(~middle[:, None], float("-inf")).topk(budget - recent, dim=-1)
-    sel = selection.union_selection(top, values, lengths, length, budget, recent, sinks)
+    values, top = naive.topk_desc(scores.masked_fill(~middle[:, None], float("-inf")), budget - recent)
+    sel = lessismore_triton.union_selection(top, values, lengths, length, budget, recent, sinks)
     ref = mask_to_selection(lessismore_mask(scores, valid, budget, recent, sinks), min(budget, length))
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
     # The ranked part alone is unified_union's set.
@@ -184,14 +191,14 @@ def test_union_matches_reference(heads, length, budget):
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_capture_in_cuda_graph():
-    cfg = SparseConfig(budget=512, recent_ratio=0.25, sink_tokens=4)
+    cfg = SparseConfig(method="lessismore", budget=512, recent_ratio=0.25, sink_tokens=4)
     b, hkv, g, d, length = 4, 8, 4, 128, 8192
     q = rand(b, hkv * g, d, dtype=torch.bfloat16)
     k, v = cache(b, hkv, length, d, torch.bfloat16)
     lengths = torch.tensor([8192, 5000, 513, 100], device=DEVICE, dtype=torch.int32)
 
     def step():
-        out, sel = selection.select_lessismore(q, k, v, lengths, cfg)
+        out, sel = fused_lessismore(q, k, v, lengths, cfg)
         return out, sel, triton_decode.sparse_decode_attention(q, k, v, sel.indices, sel.counts)
 
     expect = step()  # compiles the kernels before capture

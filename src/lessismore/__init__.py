@@ -1,15 +1,23 @@
-"""lessismore: training-free sparse attention for reasoning models (LessIsMore and its baselines)."""
+"""lessismore: training-free sparse attention for reasoning models (LessIsMore and its baselines).
+
+Importing the package is light (no transformers, nothing registered): the HF integration loads on
+first use of ``enable`` / ``disable`` / ``sparse_attention`` / ``stats``, the engine on first use of
+``Engine``."""
 from lessismore.config import SparseConfig
-from lessismore.integrations.hf import disable, enable, sparse_attention, stats
 
 __all__ = ["Engine", "SparseConfig", "enable", "disable", "sparse_attention", "stats"]
+__version__ = "0.1.0"
+
+_HF = ("enable", "disable", "sparse_attention", "stats")
 
 
 def __getattr__(name):
-    # The engine (and its Triton kernels) loads on first use, not with every import of the HF path.
+    if name in _HF:
+        from lessismore.integrations import hf
+
+        return getattr(hf, name)
     if name == "Engine":
         from lessismore.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'lessismore' has no attribute {name!r}")
-__version__ = "0.1.0"

@@ -67,24 +67,49 @@ def default_model_dir() -> Path:
     return target
 
 
-def load_model(spec: str = "default", device: str = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) for ``spec``: "default", a local HF folder, or a .gguf file. Always SDPA
-    attention (lessismore.enable switches it); padding on the left for batched generation."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
-    dtype = dtype or torch.float32
-    if spec == "default":
-        spec = str(default_model_dir())
+
+def resolve_spec(spec: str | Path) -> Path:
+    """The file or folder a model spec names: "default" (the packaged model, converted on first use),
+    a local HF checkpoint folder, or a .gguf file. Raises ValueError naming ``model``."""
+    if str(spec) == "default":
+        return default_model_dir()
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"model: GGUF file {spec} does not exist")
+        return path
+    if path.is_dir():
+        return path
+    raise ValueError(f"model: expected 'default', a model folder or a .gguf file, got {str(spec)!r}")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer of a model folder; a one-line error when the folder has none."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(folder):
+        raise ValueError(f"model: {folder} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(spec: str = "default", device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) for ``spec`` (see ``resolve_spec``). Always SDPA attention
+    (lessismore.enable switches it); padding on the left for batched generation."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    path = resolve_spec(spec)
+    if path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
-    elif path.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
     else:
-        raise ValueError(f"model: expected 'default', a model folder or a .gguf file, got {spec!r}")
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=dtype)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -2,10 +2,13 @@
 
 State lives on the device in fixed buffers of ``max_batch`` rows (one row per cache slot): the input
 token, length, activity, token count, limits and sampling parameters of each sequence, and its output
-tokens. A decode step reads and updates only those buffers (no host synchronization), so on CUDA it is
-captured once per (bucket, sampling) and replayed. The host looks at the buffers every few steps: it
-collects finished sequences, refills their slots from the queue (prefill into the slot) and streams
-new tokens to a callback.
+tokens. A decode step reads and updates only those buffers (no host synchronization); each layer's
+attention runs through the package's one decode-step executor (``lessismore.decode``). On CUDA a step
+is captured once per (bucket, sampling) and replayed (``graphs.GraphRunner``). The host looks at the
+buffers every few steps: it collects finished sequences, refills their slots from the queue (prefill
+into the slot) and streams new tokens to a callback.
+
+Loading is ``loading.py``, the decoder stack ``model.py``, sampling ``sampling.py``.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from lessismore.config import SparseConfig
-from lessismore.engine.attention import DecodeAttention
-from lessismore.engine.model import Model, ModelConfig, Weights, load_folder, load_hf_model, random_weights
+from lessismore.config import FULL, SparseConfig
+from lessismore.decode import DecodeExecutor
+from lessismore.engine.graphs import GraphRunner
+from lessismore.engine.loading import load
+from lessismore.engine.model import Model, ModelConfig, Weights
 from lessismore.engine.sampling import sample
 
 MAX_STOP_IDS = 8
@@ -49,6 +54,17 @@ class EngineStats:
     bucket_steps: dict = field(default_factory=dict)
 
 
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (no limit known elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
 def _per_prompt(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -62,7 +78,7 @@ class Engine:
 
     model:     "default" (the package's SmolLM2-135M), a local HF checkpoint folder, a .gguf file, or a
                ``ModelConfig`` (random weights at that shape, for benchmarks).
-    cfg:       the method (``SparseConfig``); None is full attention.
+    cfg:       the method (``SparseConfig``; default full attention, ``SparseConfig(method="full")``).
     device, dtype: where and in what precision (default: bf16 on CUDA, fp32 on CPU).
     max_batch: cache slots, i.e. the most sequences decoded at once.
     max_len:   tokens per slot (prompt plus generated).
@@ -75,7 +91,7 @@ class Engine:
     def __init__(
         self,
         model: str | Path | ModelConfig = "default",
-        cfg: SparseConfig | None = None,
+        cfg: SparseConfig = FULL,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_batch: int = 8,
@@ -86,53 +102,62 @@ class Engine:
         seed: int = 0,
         weights: Weights | None = None,
     ):
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not isinstance(cfg, SparseConfig):
+            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
+        if int(max_batch) < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        if int(max_len) < 2:
+            raise ValueError(f"max_len: must be >= 2, got {max_len}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda requested but no CUDA device is available")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.device, self.dtype = device, dtype
-        self.tokenizer = None
-        if isinstance(model, ModelConfig):
-            mcfg, weights = model, weights if weights is not None else random_weights(model, device, dtype, seed)
-        else:
-            spec = str(model)
-            if spec == "default":
-                from lessismore.models import default_model_dir
-
-                spec = str(default_model_dir())
-            if spec.endswith(".gguf"):
-                from lessismore.models import load_model
-
-                hf, self.tokenizer = load_model(spec, "cpu", torch.float32)
-                mcfg, weights = load_hf_model(hf, device, dtype)
-                del hf
-            else:
-                mcfg, weights = load_folder(spec, device, dtype)
-                if any((Path(spec) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-                    from transformers import AutoTokenizer
-
-                    self.tokenizer = AutoTokenizer.from_pretrained(spec)
-        self.model_config = mcfg
         self.max_batch, self.max_len = int(max_batch), int(max_len)
-        if self.max_batch < 1 or self.max_len < 2:
-            raise ValueError("max_batch must be >= 1 and max_len >= 2")
+        if isinstance(model, ModelConfig):  # before drawing gigabytes of random weights
+            self._check_memory(model)
+        mcfg, weights, self.tokenizer = load(model, device, dtype, seed, weights)
+        if not isinstance(model, ModelConfig):
+            self._check_memory(mcfg)
+        self.model_config = mcfg
         self.model = Model(mcfg, weights, self.max_len, device, dtype)
         self.use_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.prefill_chunk = int(prefill_chunk)
         self.sync_every = max(1, int(sync_every))
-        self._pool = None
+        self._graphs = GraphRunner(device, self._step, self._warmup, self._release) if self.use_graphs else None
         self.set_method(cfg)
         self._alloc_cache()
         self._alloc_state()
         self.stats = EngineStats()
 
-    def set_method(self, cfg: SparseConfig | None):
-        """Switch the sparse-attention method (None: full attention); captured graphs are dropped."""
+    def _check_memory(self, mcfg: ModelConfig) -> None:
+        """Refuse, before allocating, a KV cache that does not fit in the device's free memory."""
+        need = 2 * mcfg.num_layers * self.max_batch * mcfg.num_kv_heads * self.max_len * mcfg.head_dim
+        need *= torch.empty((), dtype=self.dtype).element_size()
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = _available_host_memory()
+        if need > free:
+            raise ValueError(
+                f"max_batch, max_len: a KV cache of {self.max_batch} x {self.max_len} tokens needs {need / 2**30:.1f} GiB; "
+                f"{free / 2**30:.1f} GiB is free on {self.device}"
+            )
+
+    def set_method(self, cfg: SparseConfig):
+        """Switch the sparse-attention method; captured graphs are dropped."""
+        if not isinstance(cfg, SparseConfig):
+            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
         mcfg = self.model_config
-        cfg = cfg or SparseConfig(method="full")
+        if self._graphs is not None:
+            self._graphs.reset()
         self.cfg = cfg.resolve(mcfg.model_type, mcfg.num_layers, mcfg.hidden_size)
-        self.attention = DecodeAttention(self.cfg, mcfg.num_layers, fused=self.device.type == "cuda")
-        self._graphs: dict = {}
+        self.executor = DecodeExecutor(self.cfg, mcfg.num_layers)
+        self.executor.reset_stats(self.device)
 
     # ---- buffers ------------------------------------------------------------------------------------
 
@@ -166,7 +191,8 @@ class Engine:
 
     def _step(self, b: int, do_sample: bool):
         active = self.active[:b]
-        logits = self.model.decode(self.tokens[:b], self.slots[:b], self.lengths[:b], self.k_cache, self.v_cache, self.attention)
+        logits = self.model.decode(self.tokens[:b], self.slots[:b], self.lengths[:b], self.k_cache, self.v_cache,
+                                   self.executor, rows=active)
         count = self.count[:b]
         nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.seed[:b], count, do_sample)
         out = self.out[:b]
@@ -178,6 +204,17 @@ class Engine:
         self.tokens[:b] = torch.where(active, nxt, self.tokens[:b])
         self.count[:b] += active.to(torch.int64)
         self.active[:b] = active & ~finished
+
+    def _warmup(self, b: int, do_sample: bool):
+        # Every row inactive: the step leaves the state as it was (inactive rows write K/V only past
+        # their tokens) and counts nothing.
+        saved = self.active[:b].clone()
+        self.active[:b] = False
+        self._step(b, do_sample)
+        self.active[:b] = saved
+
+    def _release(self):
+        self.executor.end_step()
 
     def _buckets(self) -> list[int]:
         sizes, b = [], 1
@@ -191,34 +228,18 @@ class Engine:
         return next(b for b in self._buckets() if b >= rows)
 
     def step(self, b: int, do_sample: bool = False):
-        """One decode step of rows 0..b-1 (b a bucket size): replays its graph on CUDA."""
-        if not self.use_graphs or self.attention.observers:
-            return self._step(b, do_sample)
-        key = (b, do_sample)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(b, do_sample)
-        graph.replay()
-
-    def _capture(self, b: int, do_sample: bool):
-        # Warm up (compiles the kernels, runs autotuning) with every row inactive: the step then leaves
-        # the state as it was (inactive rows write K/V only past their tokens).
-        saved = self.active[:b].clone()
-        self.active[:b] = False
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(b, do_sample)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        """One decode step of rows 0..b-1 (b a bucket size): replays its graph on CUDA (eager while
+        observers are attached: they run on the host)."""
+        if self._graphs is None or self.executor.observers:
             self._step(b, do_sample)
-        self.active[:b] = saved
-        self._graphs[(b, do_sample)] = graph
-        return graph
+            self.executor.end_step()
+        else:
+            self._graphs.run(b, do_sample)
+
+    def kv_stats(self) -> dict:
+        """KV reads of the last ``generate`` (the executor's counters: the same counting as the HF
+        path's ``lessismore.stats``)."""
+        return self.executor.stats()
 
     # ---- prefill and admission -------------------------------------------------------------------
 
@@ -304,6 +325,7 @@ class Engine:
             self.stop_ids[: len(stops)] = torch.tensor(stops, device=self.device)
         do_sample = any(t > 0 for t in temps)
         self.stats = stats = EngineStats()
+        self.executor.reset_stats(self.device)
         self.active.zero_()
         self.lengths.zero_()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lessismore.decode import DecodeCache, DecodeExecutor
 from lessismore.engine.kernels import add_rmsnorm, qk_norm_rope_store, silu_mul
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -254,13 +255,9 @@ def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> Weights:
 
 # Batch-1 projections: "linear" (F.linear, cuBLASLt picks a GEMM) or "mv" (torch.mv, cuBLAS GEMV);
 # benchmarks/e2e.py times both on the GPU.
-M1_LINEAR = "linear"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if M1_LINEAR == "mv" and x.shape[0] == 1 and x.is_cuda:
-        y = torch.mv(weight, x[0]).unsqueeze(0)
-        return y if bias is None else y + bias
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -323,17 +320,18 @@ class Model:
             return None
         return torch.nn.functional.linear(h[-1:], self.w.lm_head).float()[0]
 
-    def decode(self, tokens, slots, positions, k_caches, v_caches, attention) -> torch.Tensor:
+    def decode(self, tokens, slots, positions, k_caches, v_caches, executor: DecodeExecutor, rows=None) -> torch.Tensor:
         """One token per row: tokens [b] at positions [b] (= the rows' lengths before this step) of
-        cache rows slots [b] = 0..b-1. Writes their K/V and returns logits [b, V] fp32."""
+        cache rows slots [b] = 0..b-1. Writes their K/V, runs each layer's attention through
+        ``executor`` (``rows`` [b] bool: the rows its counters count) and returns logits [b, V] fp32."""
         c = self.cfg
         b = tokens.shape[0]
         lengths = positions + 1
-        attention.begin_step()
+        executor.begin_step(rows)
         residual = torch.nn.functional.embedding(tokens, self.w.embed)
         h = add_rmsnorm(None, residual, self.w.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.w.layers):
             q = self._qkv(layer, h, slots, positions, k_caches[i], v_caches[i])
-            out = attention(i, q, k_caches[i][:b], v_caches[i][:b], lengths)
+            out = executor.layer(i, q, DecodeCache(k_caches[i][:b], v_caches[i][:b], lengths=lengths))
             h = self._mlp_and_next_norm(i, out.reshape(b, c.num_heads * c.head_dim), residual)
         return linear(h, self.w.lm_head).float()

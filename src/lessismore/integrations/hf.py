@@ -3,52 +3,34 @@
 ``enable(model, cfg)`` registers an attention function with transformers' ``AttentionInterface`` and,
 so that padded batches and chunked prefill get their mask, the SDPA mask builder with
 ``AttentionMaskInterface`` under the same name; then switches the model to it. Prefill (more than one
-query token) runs SDPA unchanged. A decode step runs each layer in its role: full and selection layers
-attend densely (a selection layer also chooses the set), sparse layers gather the selected K/V rows
-and attend over those only.
+query token) runs SDPA unchanged. A decode step is an adapter over ``lessismore.decode``: each layer
+hands the executor its query and the cache (slots marked valid by the mask, so left padding works),
+with SDPA as the dense attention; sparse layers attend over the selected positions only.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lessismore import methods, ops
 from lessismore.config import SparseConfig
-from lessismore.methods import LayerRole, Selection
+from lessismore.decode import DecodeCache, DecodeExecutor
 
 ATTENTION_NAME = "lessismore"
 STATE_ATTR = "_lessismore_state"
 
-# Observer signature: (layer_idx, role, q [B,Hq,D], k [B,Hkv,L,D], v, valid [B,L], selection|None, out [B,Hq,D]).
-Observer = Callable[..., None]
 
+class HFDecodeState(DecodeExecutor):
+    """The executor of one enabled model, plus what ``disable`` restores and whether the last call
+    was a decode step (the first prefill after decoding starts a new generate call: counters reset)."""
 
-@dataclass
-class DecodeState:
-    """Per-model state: the schedule, the set chosen by the last selection layer, KV-read counters."""
-
-    cfg: SparseConfig
-    method: methods.Method
-    roles: list[LayerRole]
-    previous_attn: str
-    selection: Selection | None = None
-    observers: list[Observer] = field(default_factory=list)
-    # KV positions read / that full attention would read, summed over decode steps, layers and rows.
-    read: torch.Tensor | None = None
-    full_read: torch.Tensor | None = None
-    decode_calls: torch.Tensor | None = None
-    in_decode: bool = False
-
-    def reset_stats(self, device) -> None:
-        self.read = torch.zeros((), dtype=torch.float64, device=device)
-        self.full_read = torch.zeros((), dtype=torch.float64, device=device)
-        self.decode_calls = torch.zeros((), dtype=torch.int64, device=device)
+    def __init__(self, cfg: SparseConfig, num_layers: int, previous_attn: str):
+        super().__init__(cfg, num_layers)
+        self.previous_attn = previous_attn
+        self.in_decode = False
 
 
 def _valid_slots(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -62,50 +44,27 @@ def _valid_slots(attention_mask: torch.Tensor | None, batch: int, length: int, d
 def lessismore_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls in every attention layer: query [B, Hq, q_len, D], key/value
     [B, Hkv, L, D] (the cache, current token included). Returns ([B, q_len, Hq, D], None)."""
-    state: DecodeState | None = getattr(module, STATE_ATTR, None)
+    state: HFDecodeState | None = getattr(module, STATE_ATTR, None)
     if state is None:
         raise RuntimeError("lessismore attention is selected but lessismore.enable() was not called on this model")
     if query.shape[2] != 1:
-        # Prefill, or a prompt chunk: dense. The first prefill after decoding starts a new generate call.
-        if state.in_decode or state.read is None:
+        # Prefill, or a prompt chunk: dense.
+        if state.in_decode or state._stats is None:
             state.reset_stats(query.device)
             state.in_decode = False
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-    if state.read is None:  # decoding on a cache this state did not prefill (e.g. a copied one)
-        state.reset_stats(query.device)
     state.in_decode = True
     layer = module.layer_idx
-    role = state.roles[layer]
-    batch, length = key.shape[0], key.shape[2]
-    valid = _valid_slots(attention_mask, batch, length, query.device)
-    n_valid = valid.sum()
-    q = query[:, :, 0, :]
-    selection = None
-    if role in (LayerRole.FULL, LayerRole.SELECT_DENSE):
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        state.read += n_valid
-        if role is LayerRole.SELECT_DENSE:
-            selection = state.selection = state.method.select(state.cfg, q, key, valid)
-        out_heads = out[:, 0]
-    else:
-        if role is LayerRole.SELECT_SPARSE:
-            state.selection = state.method.select(state.cfg, q, key, valid)
-        selection = state.selection
-        out_heads = ops.decode_attention(q, key, value, selection, scaling)
-        counts = selection.counts.to(torch.float64)
-        state.read += counts.sum() / (counts.shape[1] if selection.per_head else 1)
-        out = out_heads.unsqueeze(1)
-    state.full_read += n_valid
     if layer == 0:
-        state.decode_calls += batch  # sequence-steps
-    for observer in state.observers:
-        observer(layer, role, q, key, value, valid, selection, out_heads)
-    return out, None
+        state.begin_step()
+    cache = DecodeCache(key, value, valid=_valid_slots(attention_mask, key.shape[0], key.shape[2], query.device))
 
+    def dense():
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return out[:, 0]
 
-AttentionInterface.register(ATTENTION_NAME, lessismore_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    out = state.layer(layer, query[:, :, 0, :], cache, scaling, dense=dense)
+    return out.unsqueeze(1), None
 
 
 def _check_supported(model) -> None:
@@ -137,6 +96,13 @@ def _attention_modules(model) -> list[torch.nn.Module]:
     return found
 
 
+def _register() -> None:
+    """Our attention function, and (so that padded batches and chunked prefill get their mask) the
+    SDPA mask builder under the same name; done by ``enable``, not at import."""
+    AttentionInterface.register(ATTENTION_NAME, lessismore_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
 def enable(model, cfg: SparseConfig) -> SparseConfig:
     """Switch ``model`` to sparse decode attention as described by ``cfg``. Returns the resolved config
     (default selection layers filled in). Raises ValueError, before changing anything, if the model or
@@ -150,10 +116,10 @@ def enable(model, cfg: SparseConfig) -> SparseConfig:
     modules = _attention_modules(model)
     if len(modules) != num_layers:
         raise ValueError(f"model: found {len(modules)} attention modules for {num_layers} layers")
-    existing: DecodeState | None = getattr(modules[0], STATE_ATTR, None)
+    existing: HFDecodeState | None = getattr(modules[0], STATE_ATTR, None)
     previous = existing.previous_attn if existing else config._attn_implementation
-    method = methods.get(cfg.method)
-    state = DecodeState(cfg=cfg, method=method, roles=method.layer_roles(cfg, num_layers), previous_attn=previous)
+    state = HFDecodeState(cfg, num_layers, previous)
+    _register()
     for module in modules:
         setattr(module, STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
@@ -163,7 +129,7 @@ def enable(model, cfg: SparseConfig) -> SparseConfig:
 def disable(model) -> None:
     """Restore the attention implementation the model had before ``enable``."""
     modules = _attention_modules(model)
-    state: DecodeState | None = getattr(modules[0], STATE_ATTR, None)
+    state: HFDecodeState | None = getattr(modules[0], STATE_ATTR, None)
     if state is None:
         return
     model.set_attn_implementation(state.previous_attn)
@@ -181,14 +147,14 @@ def sparse_attention(model, cfg: SparseConfig):
         disable(model)
 
 
-def activate(model, state: DecodeState) -> None:
+def activate(model, state: HFDecodeState) -> None:
     """Make ``state`` (taken with ``state_of`` after an earlier ``enable``) the one the model's attention
     uses: a caller can keep one state per method on one model and switch between them per forward."""
     for module in _attention_modules(model):
         setattr(module, STATE_ATTR, state)
 
 
-def state_of(model) -> DecodeState:
+def state_of(model) -> HFDecodeState:
     state = getattr(_attention_modules(model)[0], STATE_ATTR, None)
     if state is None:
         raise ValueError("model: lessismore is not enabled on this model")
@@ -200,16 +166,9 @@ def stats(model) -> dict:
     ``kv_positions_per_layer`` is the mean number of KV positions a layer read per sequence and step
     (per-head methods: averaged over query heads); ``kv_read_fraction`` that read over what full
     attention would read."""
-    state = state_of(model)
-    steps = 0 if state.decode_calls is None else int(state.decode_calls)
-    if steps == 0:
-        raise ValueError("model: no decode step has run since lessismore was enabled")
-    read, full = float(state.read), float(state.full_read)
-    num_layers = len(state.roles)
-    return {
-        "method": state.cfg.method,
-        "budget": state.cfg.budget,
-        "sequence_steps": steps,
-        "kv_positions_per_layer": read / (steps * num_layers),
-        "kv_read_fraction": read / full if full else 1.0,
-    }
+    try:
+        return state_of(model).stats()
+    except ValueError as exc:
+        if "decode step" in str(exc):
+            raise ValueError("model: no decode step has run since lessismore was enabled") from None
+        raise

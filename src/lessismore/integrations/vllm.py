@@ -23,8 +23,9 @@ One step, one layer:
   block table, with ``lessismore.ops``. All layers of a step share one metadata object, which carries
   the set from the selection layer to the layers after it.
 - batches may mix both kinds of rows.
-Under tensor parallelism LessIsMore's union is made across ranks (``cross_rank``), so every rank
-attends over the set of the whole model.
+Under tensor parallelism LessIsMore's union is made across ranks (``methods.lessismore.distributed``),
+so every rank attends over the set of the whole model. The decode rows of every layer go through the
+package's one decode-step executor (``lessismore.decode``); this module only adapts vLLM's cache.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ from typing import ClassVar
 
 import torch
 
-from lessismore import methods, ops
+from lessismore import ops
 from lessismore.config import SparseConfig
-from lessismore.integrations import cross_rank
+from lessismore.decode import DecodeCache, DecodeExecutor
 from lessismore.methods import LayerRole, Selection
 
 BACKEND_NAME = "LESSISMORE"
@@ -165,20 +166,73 @@ def gather_paged(kv_cache: torch.Tensor, offsets: torch.Tensor, block_table: tor
     return flat[blocks.unsqueeze(-1), heads, elements]
 
 
+class CpuPagedCache(DecodeCache):
+    """The decode rows' view of vLLM's CPU paged cache for the executor: keys and values are read
+    through the block table (``gather_paged``); positions are each row's token positions 0..n-1."""
+
+    def __init__(self, kv_cache, key_offsets, value_offsets, rows: "DecodeRows"):
+        self.kv_cache, self.key_offsets, self.value_offsets, self.rows = kv_cache, key_offsets, value_offsets, rows
+        self.lengths, self._valid, self.kernels = rows.seq_lens, None, False
+        self._keys = None
+
+    @property
+    def span(self) -> int:
+        return self.rows.max_len
+
+    def _whole(self, offsets) -> torch.Tensor:
+        span = torch.arange(self.span, device=self.kv_cache.device)
+        positions = torch.minimum(span, self.lengths.unsqueeze(-1) - 1).unsqueeze(1)  # [Bd, 1, L]
+        return gather_paged(self.kv_cache, offsets, self.rows.block_table, positions)
+
+    def keys(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self._whole(self.key_offsets)
+        return self._keys
+
+    def values(self) -> torch.Tensor:
+        return self._whole(self.value_offsets)
+
+    def dense(self, q, scale):
+        raise RuntimeError("the vLLM adapter passes its own dense attention")
+
+    def sparse(self, q, selection: Selection, scale) -> torch.Tensor:
+        """Attention over the selected positions only: gather them through the block table, attend."""
+        batch, kmax = selection.indices.shape[0], selection.indices.shape[-1]
+        hkv = self.kv_cache.shape[1]
+        if selection.per_head:
+            # Query head h reads KV head h // group: gather each KV head's group of lists side by side.
+            positions = selection.indices.reshape(batch, hkv, -1)
+        else:
+            positions = selection.indices.unsqueeze(1)
+        # Entries past the counts are padding (possibly past a shorter row's end): keep them in the row.
+        positions = torch.minimum(positions, (self.lengths - 1).view(batch, 1, 1))
+        k = gather_paged(self.kv_cache, self.key_offsets, self.rows.block_table, positions)
+        v = gather_paged(self.kv_cache, self.value_offsets, self.rows.block_table, positions)
+        hq = q.shape[1]
+        if selection.per_head:
+            group = hq // hkv
+            local = torch.arange(group * kmax, device=q.device).view(1, 1, group, kmax).expand(batch, hkv, group, kmax)
+            local = local.reshape(batch, hq, kmax)
+        else:
+            local = torch.arange(kmax, device=q.device).expand(batch, kmax)
+        gathered = Selection(indices=local, counts=selection.counts)
+        return ops.decode_attention(q, k, v, gathered, scale, triton=False)
+
+
 # ---- per-step decode rows ---------------------------------------------------------------------------
 
 
 @dataclass
 class DecodeRows:
     """The decode rows of one step (built once per step by the metadata builder, shared by all layers
-    of the KV-cache group) and the set the last selection layer chose for them."""
+    of the KV-cache group) and the executor that carries the set between those layers."""
 
     tokens: torch.Tensor  # [Bd] int64: each decode row's token in the flattened batch
     seq_lens: torch.Tensor  # [Bd]: tokens in the cache, the current one included
     block_table: torch.Tensor  # [Bd, max_blocks]
     max_len: int  # >= every seq_lens entry (host value: sizes the gathers)
     batch_rows: int  # rows in the whole batch, prefill rows included
-    selection: Selection | None = None
+    executor: DecodeExecutor | None = None
 
     @property
     def count(self) -> int:
@@ -221,16 +275,58 @@ class LessIsMoreMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.sparse_cfg = settings_for(vllm_config)
+        self.executor = None
+        if self.sparse_cfg is not None:
+            self.executor = make_executor(self.sparse_cfg, vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        if self.sparse_cfg is not None and not self.is_cross_attention and not self.is_encoder_only_attention:
+        if self.executor is not None and not self.is_cross_attention and not self.is_encoder_only_attention:
             metadata.lessismore = DecodeRows.of_batch(common_attn_metadata, metadata.block_table)
+            metadata.lessismore.executor = self.executor
+            self.executor.begin_step()
+            for observer in self.executor.observers:
+                observer.batch_rows = metadata.lessismore.batch_rows
         return metadata
 
 
+def make_executor(cfg: SparseConfig, vllm_config) -> DecodeExecutor:
+    """The executor of one KV-cache group: the method's schedule over the model's layers; under tensor
+    parallelism it selects across ranks, and with ``LESSISMORE_VLLM_RECORD`` set it records the sets."""
+    executor = DecodeExecutor(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers)
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        executor.shard_group = get_tp_group().device_group
+    record_dir = os.environ.get(RECORD_ENV)
+    if record_dir:
+        executor.observers.append(SelectionRecorder(record_dir))
+    return executor
+
+
+class SelectionRecorder:
+    """An observer appending each selection layer's sets to <folder>/rank<tp rank>.jsonl (tests and
+    debugging); ``batch_rows`` is set by the builder every step."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.batch_rows = 0
+
+    def __call__(self, layer, role, q, k, v, valid, selection, out):
+        if role not in (LayerRole.SELECT_DENSE, LayerRole.SELECT_SPARSE):
+            return
+        from vllm.distributed.parallel_state import get_tp_group
+
+        live = torch.arange(selection.indices.shape[-1]) < selection.counts.unsqueeze(-1)
+        line = {"layer": layer, "batch_rows": self.batch_rows, "seq_lens": valid.sum(-1).tolist(),
+                "sets": torch.where(live, selection.indices, -1).tolist()}
+        with open(os.path.join(self.folder, f"rank{get_tp_group().rank_in_group}.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 class LessIsMoreImpl(CPUAttentionBackendImpl):
-    """vLLM's CPU attention for prefill rows and dense layers; LessIsMore's schedule for decode rows."""
+    """vLLM's CPU attention for prefill rows and dense layers; the decode rows go through the
+    executor (``lessismore.decode``) in their layer's role."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap=None, attn_type="decoder", kv_sharing_target_layer_name=None, sinks=None):
@@ -260,89 +356,32 @@ class LessIsMoreImpl(CPUAttentionBackendImpl):
         bad = [name for name, present in unsupported.items() if present]
         if bad:
             raise ValueError(f"{bad[0]}: not supported by {BACKEND_NAME} (model layers need plain causal attention with an unquantized cache)")
-        self.method = methods.get(cfg.method)
-        self.roles = self.method.layer_roles(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers)
-        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.record_dir = os.environ.get(RECORD_ENV)
         self._layer_index: int | None = None
 
-    # -- schedule ------------------------------------------------------------------------------------
-
-    def _role(self, layer) -> LayerRole:
+    def _index(self, layer) -> int:
         if self._layer_index is None:
             from vllm.model_executor.models.utils import extract_layer_index
 
             self._layer_index = extract_layer_index(layer.layer_name)
-        return self.roles[self._layer_index]
+        return self._layer_index
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         rows: DecodeRows | None = getattr(attn_metadata, "lessismore", None) if self.sparse_cfg else None
-        role = self._role(layer) if rows is not None and rows.count else LayerRole.FULL
-        reads_selection = role in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE)
-        if not (reads_selection and rows.all_decode):
-            # Dense: prefill rows, and decode rows of full and selection layers.
+        if rows is None or not rows.count:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
+        index = self._index(layer)
+        role = rows.executor.roles[index]
+        if not (role in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE) and rows.all_decode):
+            # Dense: prefill rows, and the decode rows of full and selection layers.
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        if role is LayerRole.FULL:
-            return output
         q = query[rows.tokens]
         key_offsets, value_offsets = cpu_cache_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], self.head_size)
-        if role in (LayerRole.SELECT_DENSE, LayerRole.SELECT_SPARSE):
-            rows.selection = self._select(q, kv_cache, key_offsets, rows)
-            if self.record_dir:
-                self._record(rows)
-        if reads_selection:
-            if rows.selection is None:
-                raise RuntimeError(f"{BACKEND_NAME}: a sparse layer ran before any selection layer in this step")
-            output[rows.tokens] = self._attend(q, kv_cache, key_offsets, value_offsets, rows).to(output.dtype)
+        cache = CpuPagedCache(kv_cache, key_offsets, value_offsets, rows)
+        out = rows.executor.layer(index, q, cache, self.scale, dense=lambda: output[rows.tokens].view_as(q))
+        if role in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE):
+            output[rows.tokens] = out.to(output.dtype).view_as(output[rows.tokens])
         return output
-
-    # -- decode rows ---------------------------------------------------------------------------------
-
-    def _select(self, q, kv_cache, key_offsets, rows: DecodeRows) -> Selection:
-        """The method's selection over each decode row's whole cache, read through the block table."""
-        span = torch.arange(rows.max_len, device=q.device)
-        valid = span < rows.seq_lens.unsqueeze(-1)
-        positions = torch.minimum(span, rows.seq_lens.unsqueeze(-1) - 1).unsqueeze(1)  # [Bd, 1, L]
-        k = gather_paged(kv_cache, key_offsets, rows.block_table, positions)
-        if self.tp_size > 1 and self.sparse_cfg.method == "lessismore":
-            from vllm.distributed.parallel_state import get_tp_group
-
-            return cross_rank.lessismore_select(self.sparse_cfg, q, k, valid, get_tp_group().device_group)
-        return self.method.select(self.sparse_cfg, q, k, valid)
-
-    def _record(self, rows: DecodeRows) -> None:
-        from vllm.distributed.parallel_state import get_tp_group
-
-        selection = rows.selection
-        live = torch.arange(selection.indices.shape[-1]) < selection.counts.unsqueeze(-1)
-        sets = torch.where(live, selection.indices, -1).tolist()
-        line = {"layer": self._layer_index, "batch_rows": rows.batch_rows, "seq_lens": rows.seq_lens.tolist(), "sets": sets}
-        with open(os.path.join(self.record_dir, f"rank{get_tp_group().rank_in_group}.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
-
-    def _attend(self, q, kv_cache, key_offsets, value_offsets, rows: DecodeRows) -> torch.Tensor:
-        """Attention of the decode rows over the selected positions only: [Bd, Hq, D]."""
-        selection = rows.selection
-        batch, kmax = selection.indices.shape[0], selection.indices.shape[-1]
-        hkv = kv_cache.shape[1]
-        if selection.per_head:
-            # Query head h reads KV head h // group: gather each KV head's group of lists side by side.
-            positions = selection.indices.reshape(batch, hkv, -1)
-        else:
-            positions = selection.indices.unsqueeze(1)
-        # Entries past the counts are padding (possibly past a shorter row's end): keep them in the row.
-        positions = torch.minimum(positions, (rows.seq_lens - 1).view(batch, 1, 1))
-        k = gather_paged(kv_cache, key_offsets, rows.block_table, positions)
-        v = gather_paged(kv_cache, value_offsets, rows.block_table, positions)
-        if selection.per_head:
-            group = self.num_heads // hkv
-            local = torch.arange(group * kmax, device=q.device).view(1, 1, group, kmax).expand(batch, hkv, group, kmax)
-            return ops.sparse_decode_attention_per_head(
-                q, k, v, local.reshape(batch, self.num_heads, kmax), selection.counts, self.scale
-            )
-        local = torch.arange(kmax, device=q.device).expand(batch, kmax)
-        return ops.sparse_decode_attention(q, k, v, local, selection.counts, self.scale)
 
 
 class LessIsMoreBackend(CPUAttentionBackend):

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from lessismore.config import SparseConfig
+from lessismore.ops import naive
 
 
 @dataclass
@@ -43,13 +42,25 @@ class LayerRole(enum.Enum):
 
 
 class Method:
-    """A selection method. Subclasses set ``name``, ``per_head`` and implement ``select``."""
+    """A selection method. Subclasses set ``name``, ``settings``, ``per_head`` and implement ``select``.
+
+    settings: the SparseConfig fields the method uses, with their defaults (None: filled in later, as
+    ``selection_layers`` is by ``SparseConfig.resolve``). Any other field must be left unset.
+    """
 
     name: str = ""
+    settings: dict = {}
     per_head: bool = False
     # True: selections are made at cfg.selection_layers, which attend fully (TidalDecode's schedule).
     # False: every non-full layer selects for itself (Quest, oracle, StreamingLLM).
     uses_selection_layers: bool = True
+    # True: the set depends on the row lengths alone (StreamingLLM), so one selection per step serves
+    # every layer.
+    query_independent: bool = False
+
+    def validate(self, cfg: SparseConfig) -> None:
+        """Checks of the method's own (beyond each field's range, which SparseConfig checks). Raises
+        ValueError naming the field."""
 
     def layer_roles(self, cfg: SparseConfig, num_layers: int) -> list[LayerRole]:
         full = set(cfg.full_layers)
@@ -70,9 +81,23 @@ class Method:
         return roles
 
     def select(self, cfg: SparseConfig, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> Selection:
-        """q [B, Hq, D] (the current query), k [B, Hkv, L, D] (the cache, current token included),
-        valid [B, L] bool. Returns the Selection for the sparse layers."""
+        """The reference selection. q [B, Hq, D] (the current query), k [B, Hkv, L, D] (the cache,
+        current token included), valid [B, L] bool. Returns the Selection for the sparse layers."""
         raise NotImplementedError
+
+    def select_sharded(self, cfg: SparseConfig, q, k, valid, group=None) -> Selection:
+        """``select`` for one tensor-parallel rank holding a share of the heads (q and k are its
+        heads); the set must be the one of the whole model. Per-head and query-independent sets need
+        nothing from the other ranks; a set shared by all heads that depends on the queries must
+        override this."""
+        if group is not None and not (self.per_head or self.query_independent):
+            raise NotImplementedError(f"method {self.name!r}: no selection across tensor-parallel ranks")
+        return self.select(cfg, q, k, valid)
+
+    def fused_select(self, cfg: SparseConfig, q: torch.Tensor, cache, scale: float | None):
+        """A selection layer's fused GPU path: (dense attention output [B, Hq, D], Selection equal to
+        ``select``), or None where the method or the cache (a ``decode.DecodeCache``) has none."""
+        return None
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -124,17 +149,15 @@ def mask_to_selection(mask: torch.Tensor, kmax: int) -> Selection:
     return Selection(indices=indices, counts=mask.sum(-1).to(torch.int32))
 
 
-def all_valid_rows(valid: torch.Tensor, n: torch.Tensor, budget: int) -> torch.Tensor:
-    """[B, 1] bool: rows whose whole cache fits in the budget (the step is exact there)."""
-    return (n <= budget).unsqueeze(-1)
+def fits_budget(n: torch.Tensor, budget: int) -> torch.Tensor:
+    """[B] bool: rows whose every token fits in the budget; they read everything (exact)."""
+    return n <= budget
 
 
 def per_head_top(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask [B, H, L] of each head's top-k eligible positions by score (k <= eligible count per row)."""
+    """Mask [B, H, L] of each head's top-k eligible positions by score (the top-k rule of
+    ``naive.topk_desc``: equal scores, lower position first)."""
     masked = scores.masked_fill(~eligible, float("-inf"))
-    top = masked.topk(k, dim=-1).indices
+    top = naive.topk_desc(masked, k)[1]
     chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, top, True)
     return chosen & eligible
-
-
-Selector = Callable[[SparseConfig, torch.Tensor, torch.Tensor, torch.Tensor], Selection]

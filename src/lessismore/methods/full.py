@@ -5,6 +5,7 @@ from lessismore.methods.base import LayerRole, Method, register
 @register
 class Full(Method):
     name = "full"
+    settings = {}
 
     def layer_roles(self, cfg, num_layers):
         return [LayerRole.FULL] * num_layers

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from lessismore.methods.base import Method, grouped_scores, mask_to_selection, per_head_top, register, valid_ranks
+from lessismore.methods.base import Method, fits_budget, grouped_scores, mask_to_selection, per_head_top, register, valid_ranks
 
 
 def oracle_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
     _, n = valid_ranks(valid)
     eligible = valid.unsqueeze(1).expand_as(scores)
     mask = per_head_top(scores, eligible, min(budget, valid.shape[-1]))
-    return torch.where((n <= budget)[:, None, None], eligible, mask)
+    return torch.where(fits_budget(n, budget)[:, None, None], eligible, mask)
 
 
 @register
 class Oracle(Method):
     name = "oracle"
+    settings = {"budget": 2048, "full_layers": (0, 1)}
     per_head = True
     uses_selection_layers = False
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lessismore.methods.base import Method, mask_to_selection, register, valid_ranks
+from lessismore.ops import naive
 
 
 def page_bounds(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, budget: in
     scores = scores.masked_fill(~exists.unsqueeze(1), float("-inf"))
     scores = scores.masked_fill(current.unsqueeze(1), float("inf"))
     take = min(-(-budget // page_size), num_pages)
-    top = scores.topk(take, dim=-1).indices
+    top = naive.topk_desc(scores, take)[1]
     chosen_pages = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & exists.unsqueeze(1)
     # Slot -> its page's choice; invalid slots look up the dropped page NP (False).
     chosen_pages = torch.cat([chosen_pages, chosen_pages.new_zeros(*chosen_pages.shape[:2], 1)], dim=-1)
@@ -63,8 +64,13 @@ def quest_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, budget: in
 @register
 class Quest(Method):
     name = "quest"
+    settings = {"budget": 2048, "page_size": 16, "full_layers": (0, 1)}
     per_head = True
     uses_selection_layers = False
+
+    def validate(self, cfg):
+        if cfg.page_size > cfg.budget:
+            raise ValueError(f"page_size: must be in [1, budget] = [1, {cfg.budget}] (a head reads whole pages), got {cfg.page_size}")
 
     def select(self, cfg, q, k, valid):
         mask = quest_mask(q, k, valid, cfg.budget, cfg.page_size)

@@ -23,6 +23,8 @@ def streaming_mask(valid: torch.Tensor, budget: int, sinks: int) -> torch.Tensor
 @register
 class Streaming(Method):
     name = "streaming"
+    settings = {"budget": 2048, "sink_tokens": 4, "full_layers": (0, 1)}
+    query_independent = True
     uses_selection_layers = False
 
     def select(self, cfg, q, k, valid):

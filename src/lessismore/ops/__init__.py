@@ -1,35 +1,49 @@
-"""Decode-attention ops. On CUDA tensors the Triton kernels run when Triton is installed; everywhere
-else the PyTorch references in ``naive``. Both have the same contract and are tested against each other."""
+"""Decode-attention ops. Each Triton kernel has a PyTorch reference beside it in ``naive`` with the
+same contract; they are tested against each other. ``triton_usable`` is the package's one answer to
+"does this tensor take the Triton path?": Triton is installed and the tensor is on a CUDA device (the
+CPU tests run the kernels directly, under Triton's interpreter)."""
 from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from lessismore.ops import naive
 
-# Triton is optional (CPU installs use the references); when it is installed, the kernels must import.
-_triton = None
-if importlib.util.find_spec("triton") is not None:
-    from lessismore.ops import triton_decode as _triton
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+if HAVE_TRITON:
+    # When Triton is installed, the kernels must import.
+    from lessismore.ops import triton_decode
 
 
-def _use_triton(q) -> bool:
-    return _triton is not None and q.is_cuda
+def triton_usable(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda
 
 
-def sparse_decode_attention(q, k_cache, v_cache, indices, counts, scale=None):
-    """q [B, Hq, D]; k/v_cache [B, Hkv, L, D]; indices [B, Kmax] int32 shared by all heads of a row;
-    counts [B] int32 -> out [B, Hq, D]."""
-    impl = _triton.sparse_decode_attention if _use_triton(q) else naive.sparse_decode_attention
-    return impl(q, k_cache, v_cache, indices, counts, scale)
+# Each op below takes ``triton``: None picks by ``triton_usable``; True/False force one path (the CPU
+# tests force the kernels under the interpreter).
 
 
-def sparse_decode_attention_per_head(q, k_cache, v_cache, indices, counts, scale=None):
-    """As sparse_decode_attention with indices [B, Hq, Kmax] and counts [B, Hq]."""
-    impl = _triton.sparse_decode_attention_per_head if _use_triton(q) else naive.sparse_decode_attention_per_head
-    return impl(q, k_cache, v_cache, indices, counts, scale)
+def _pick(t: torch.Tensor, triton: bool | None) -> bool:
+    return triton_usable(t) if triton is None else triton
 
 
-def decode_attention(q, k_cache, v_cache, selection, scale=None):
-    """Attend over a ``methods.Selection`` (shared or per head)."""
-    fn = sparse_decode_attention_per_head if selection.per_head else sparse_decode_attention
-    return fn(q, k_cache, v_cache, selection.indices, selection.counts, scale)
+def decode_attention(q, k_cache, v_cache, selection, scale=None, triton: bool | None = None):
+    """Attention over a ``methods.Selection`` only: q [B, Hq, D]; k/v_cache [B, Hkv, L, D]; a set
+    shared by all heads (indices [B, Kmax], counts [B]) or one per query head (indices [B, Hq, Kmax],
+    counts [B, Hq]) -> out [B, Hq, D]."""
+    if _pick(q, triton):
+        impl = triton_decode.sparse_decode_attention_per_head if selection.per_head else triton_decode.sparse_decode_attention
+    else:
+        impl = naive.sparse_decode_attention_per_head if selection.per_head else naive.sparse_decode_attention
+    return impl(q, k_cache, v_cache, selection.indices, selection.counts, scale)
+
+
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, triton: bool | None = None):
+    """Each row's k largest scores, descending, equal scores lower position first (the selection
+    layers' one top-k rule): (values fp32, indices int64)."""
+    if _pick(scores, triton):
+        from lessismore.ops import topk
+
+        return topk.topk_desc(scores, k, lengths)
+    return naive.topk_desc(scores, k, lengths)

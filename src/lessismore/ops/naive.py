@@ -51,11 +51,28 @@ def sparse_decode_attention_per_head(q, k_cache, v_cache, indices, counts, scale
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+def masked_decode_attention(q, k_cache, v_cache, valid, scale=None):
+    """Full decode attention over the slots marked by valid [B, L] (any pattern, e.g. left padding)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    out = _attend(q.view(b, hkv, hq // hkv, d), k_cache, v_cache, valid[:, None, None, :], scale)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
 def dense_decode_attention(q, k_cache, v_cache, lengths, scale=None):
     """Full decode attention over the first lengths[b] slots of each row (the engine's cache layout)."""
-    b, hq, d = q.shape
-    hkv, length = k_cache.shape[1], k_cache.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    live = (torch.arange(length, device=q.device) < lengths.view(b, 1))[:, None, None, :]
-    out = _attend(q.view(b, hkv, hq // hkv, d), k_cache, v_cache, live, scale)
-    return out.reshape(b, hq, d).to(q.dtype)
+    valid = torch.arange(k_cache.shape[2], device=q.device) < lengths.view(-1, 1)
+    return masked_decode_attention(q, k_cache, v_cache, valid, scale)
+
+
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None):
+    """Each row's k largest entries of scores [..., L] (fp32), descending, equal scores lower position
+    first: (values fp32, indices int64), each [..., k]. ``lengths`` [B] (scores [B, ..., L]): only
+    positions < lengths[b] are candidates, the others rank as -inf. Where fewer than k entries are
+    finite, the rest are -inf entries, lowest positions first (they tie)."""
+    if lengths is not None:
+        live = torch.arange(scores.shape[-1], device=scores.device) < lengths.view(-1, *([1] * (scores.dim() - 1)))
+        scores = scores.masked_fill(~live, float("-inf"))
+    values, indices = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]

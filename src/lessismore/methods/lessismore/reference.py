@@ -1,4 +1,5 @@
-"""LessIsMore: unified cross-head top-k plus a stable recency window, one set for all heads.
+"""LessIsMore's reference selection (PyTorch, any device): the definition the fused GPU path
+(``triton.py``) and the cross-rank union (``distributed.py``) are tested against.
 
 L. Yang, Z. Zhang, A. Jain, S. Cao, B. Yuan, Y. Chen, Z. Jia, R. Netravali. "Less Is More:
 Training-Free Sparse Attention with Global Locality for Efficient Reasoning". arXiv 2508.07101, 2025.
@@ -16,14 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from lessismore.methods.base import (
-    Method,
-    Selection,
-    grouped_scores,
-    mask_to_selection,
-    register,
-    valid_ranks,
-)
+from lessismore.methods.base import fits_budget, valid_ranks
+from lessismore.ops import naive
 
 
 def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) -> torch.Tensor:
@@ -59,17 +54,7 @@ def lessismore_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int, rece
     if k > 0:
         kk = min(k, length)
         masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
-        values, top = masked.topk(kk, dim=-1)
+        values, top = naive.topk_desc(masked, kk)
         chosen = unified_union(top, values > float("-inf"), length, k)
     selected = sink | recent_mask | chosen
-    return torch.where((n <= budget).unsqueeze(-1), valid, selected)
-
-
-@register
-class LessIsMore(Method):
-    name = "lessismore"
-
-    def select(self, cfg, q, k, valid):
-        scores = grouped_scores(q, k)
-        mask = lessismore_mask(scores, valid, cfg.budget, cfg.recent_share, cfg.effective_sinks)
-        return mask_to_selection(mask, min(cfg.budget, valid.shape[-1]))
+    return torch.where(fits_budget(n, budget).unsqueeze(-1), valid, selected)

@@ -5,7 +5,7 @@ r*H_local .. (r+1)*H_local - 1, with their KV heads). LessIsMore ranks tokens ac
 so a per-rank union would neither be the paper's algorithm nor give the ranks the same set. Here each
 rank computes its heads' top-k candidates (each head's list depends on that head alone), the candidates
 are all-gathered over the group (B x H_local x k int32 per rank), and every rank applies the same
-rank-major union (``methods.lessismore.unified_union``) to the heads in global order: identical sets
+rank-major union (``reference.unified_union``) to the heads in global order: identical sets
 on every rank, equal to the single-process selection.
 
 No host synchronization and fixed shapes: one all-gather per selection layer and step.
@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from lessismore.config import SparseConfig
 from lessismore.methods.base import Selection, grouped_scores, mask_to_selection
-from lessismore.methods.lessismore import lessismore_mask, unified_union
+from lessismore.methods.lessismore.reference import lessismore_mask, unified_union
+from lessismore.ops import naive
 
 
 def _world(group) -> int:
@@ -49,7 +50,7 @@ def cross_rank_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: in
 def lessismore_mask_cross_rank(
     scores: torch.Tensor, valid: torch.Tensor, budget: int, recent: int, sinks: int, group=None
 ) -> torch.Tensor:
-    """``methods.lessismore.lessismore_mask`` for a rank that holds scores [B, H_local, L] of its own
+    """``reference.lessismore_mask`` for a rank that holds scores [B, H_local, L] of its own
     heads only; every rank of ``group`` must call it (with the same valid, budget, recent, sinks)."""
     # The fixed part (sinks + recency window, or every valid slot when the row fits in the budget) is
     # lessismore_mask itself with no rankable scores.
@@ -59,14 +60,12 @@ def lessismore_mask_cross_rank(
         return fixed
     middle = valid & ~fixed
     masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
-    values, top = masked.topk(min(k, scores.shape[-1]), dim=-1)
+    values, top = naive.topk_desc(masked, min(k, scores.shape[-1]))
     return fixed | cross_rank_union(top, values > float("-inf"), scores.shape[-1], k, group)
 
 
-def lessismore_select(cfg: SparseConfig, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, group=None) -> Selection:
-    """``methods.get("lessismore").select`` for one tensor-parallel rank: q [B, Hq_local, D] and
-    k [B, Hkv_local, L, D] are this rank's heads. Returns the set of the whole model (all ranks)."""
-    if cfg.method != "lessismore":
-        raise ValueError(f"method: the cross-rank union is LessIsMore's; got {cfg.method!r}")
+def select_across_ranks(cfg: SparseConfig, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, group=None) -> Selection:
+    """The LessIsMore ``select`` for one tensor-parallel rank: q [B, Hq_local, D] and k [B, Hkv_local,
+    L, D] are this rank's heads. Returns the set of the whole model (all ranks)."""
     mask = lessismore_mask_cross_rank(grouped_scores(q, k), valid, cfg.budget, cfg.recent_share, cfg.effective_sinks, group)
     return mask_to_selection(mask, min(cfg.budget, valid.shape[-1]))

@@ -1,13 +1,13 @@
-"""The LessIsMore selection layer on the GPU: dense decode attention that also writes the pre-softmax
-scores, each head's top-k (``torch.topk``, the reference's own call), and the rank-major union with sinks
-and recent window, all with fixed output shapes, no host synchronization, capturable in a CUDA graph.
+"""LessIsMore's selection layer on the GPU: dense decode attention that also writes the pre-softmax
+scores (the cache's ``dense_with_scores``), each head's top-k (``ops.topk_desc``, the reference's
+own top-k rule) and the rank-major union with sinks and recent window, all with fixed output shapes,
+no host synchronization, capturable in a CUDA graph.
 
-The cache is contiguous per row: row b's tokens sit in slots 0..lengths[b]-1 (``valid = arange(L) <
-lengths[:, None]``). The result is exactly ``methods.get("lessismore").select(cfg, q, k_cache, valid)``
-whenever the kernel's scores equal ``grouped_scores`` bit for bit. They are the same fp32 dot products
-summed in another order, so on real data two scores within rounding of each other may swap places; on
-data whose products and sums are exact in fp32 the sets are identical, ties and all (the tests check
-that), because the top-k is the reference's own ``torch.topk`` call on an identical tensor.
+The cache holds row b's tokens in slots 0..lengths[b]-1. The result is exactly the reference
+``select`` whenever the kernel's scores equal ``grouped_scores`` bit for bit. They are the same fp32
+dot products summed in another order, so on real data two scores within rounding of each other may
+swap places; on data whose products and sums are exact in fp32 the sets are identical, ties and all
+(the tests check that).
 
 The union (``union_selection``) runs in five small kernels, all grids fixed by the shapes:
   over the heads' lists in rank-major order j = rank * H + head (tiles of 32 ranks x H heads):
@@ -28,15 +28,10 @@ import triton.language as tl
 
 from lessismore.config import SparseConfig
 from lessismore.methods.base import Selection
-from lessismore.ops.triton_decode import INTERPRETED, split_decode
+from lessismore import ops
 
 _RANKS = 32  # ranks per block of the list pass (x H heads)
 _POSITIONS = 1024  # positions per block of the position pass
-
-
-def kernels_usable(t: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under the interpreter (tests)."""
-    return t.is_cuda or INTERPRETED
 
 
 @triton.jit
@@ -142,30 +137,24 @@ def union_selection(top, values, lengths, length, budget, recent, sinks) -> Sele
     return Selection(indices=indices, counts=counts)
 
 
-def select_lessismore(q, k_cache, v_cache, lengths, cfg: SparseConfig, scale=None, **tuning):
-    """The selection layer: dense decode attention over slots 0..lengths[b]-1 and the LessIsMore set.
-
-    q [B, Hq, D]; k_cache, v_cache [B, Hkv, L, D]; lengths [B] int. Returns (attn_out [B, Hq, D] in q's
-    dtype, Selection as ``methods.get("lessismore").select(cfg, q, k_cache, arange(L) < lengths[:, None])``).
-    ``tuning`` goes to the attention kernel (num_splits, block_n, num_warps, num_stages).
-    """
-    length = k_cache.shape[2]
+def fused_select(cfg: SparseConfig, q, cache, scale=None):
+    """The selection layer: (dense attention output [B, Hq, D] in q's dtype, the set of
+    ``methods.get("lessismore").select`` over the cache's tokens), or None when ``cache`` (a
+    ``decode.DecodeCache``) cannot give scores."""
     recent, sinks = cfg.recent_share, cfg.effective_sinks
-    if not kernels_usable(q):
-        from lessismore.methods import get
-        from lessismore.ops.naive import dense_decode_attention
-
-        valid = torch.arange(length, device=q.device) < lengths.view(-1, 1)
-        return dense_decode_attention(q, k_cache, v_cache, lengths, scale), get("lessismore").select(cfg, q, k_cache, valid)
+    length = cache.span
     top = values = None
     if cfg.budget > recent:
-        scores = torch.empty((q.shape[0], q.shape[1], length), device=q.device, dtype=torch.float32)
-        out = split_decode(q, k_cache, v_cache, None, lengths, scale, dense=True, scores=scores,
-                           score_lo=sinks, score_window=recent - sinks, **tuning)
-        values, top = scores.topk(min(cfg.budget - recent, length), dim=-1)
+        found = cache.dense_with_scores(q, scale, sinks, recent - sinks)
+        if found is None:
+            return None
+        out, scores = found
+        values, top = ops.topk_desc(scores, min(cfg.budget - recent, length), cache.lengths, triton=cache.kernels)
     else:
-        out = split_decode(q, k_cache, v_cache, None, lengths, scale, dense=True, **tuning)
-    return out, union_selection(top, values, lengths, length, cfg.budget, recent, sinks)
+        if cache.lengths is None:
+            return None
+        out = cache.dense(q, scale)
+    return out, union_selection(top, values, cache.lengths, length, cfg.budget, recent, sinks)
 
 
-__all__ = ["select_lessismore", "union_selection", "kernels_usable"]
+__all__ = ["fused_select", "union_selection"]

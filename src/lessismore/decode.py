@@ -1,0 +1,202 @@
+"""The decode-step executor: one implementation of a sparse decode step, for every integration.
+
+An integration (HF transformers, the engine, vLLM) is an adapter: for each layer of a decode step it
+hands the executor this step's queries and a ``DecodeCache`` (its cache seen as keys and values of
+each row, with the rows' token counts), and gets the attention output back. The executor owns what
+a step means across layers:
+
+- the role of each layer (``Method.layer_roles``): FULL, SELECT_DENSE, SELECT_SPARSE or SPARSE;
+- the set a selection layer chooses, carried to the layers after it and dropped at the next step;
+- the choice of path: a method's fused GPU selection (``Method.fused_select``) where the cache can
+  give scores, else dense attention and the method's reference ``select``;
+- KV-read counting (device tensors, so a captured CUDA graph keeps counting) and observers.
+
+Everything stays on the device: no host synchronization, fixed shapes, capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lessismore import methods, ops
+from lessismore.config import SparseConfig
+from lessismore.methods import LayerRole, Selection
+from lessismore.ops import naive
+
+# (layer, role, q [B,Hq,D], k [B,Hkv,L,D], v, valid [B,L], selection | None, out [B,Hq,D]); called
+# in eager steps only (never inside a captured CUDA graph).
+Observer = Callable[..., None]
+
+
+class DecodeCache:
+    """One layer's cache for the rows of a decode step, the current token already written.
+
+    Contiguous layout: k, v [B, Hkv, L, D]. Row b's tokens are the slots marked by ``valid`` [B, L]
+    (any pattern, e.g. left padding), or, when ``lengths`` [B] is given, slots 0..lengths[b]-1 (the
+    layout the Triton kernels read). Integrations with another layout (a paged cache) subclass it
+    and override the readers.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None, kernels: bool | None = None):
+        if (lengths is None) == (valid is None):
+            raise ValueError("DecodeCache: give exactly one of lengths and valid")
+        self.k, self.v, self.lengths, self._valid = k, v, lengths, valid
+        # Whether the Triton kernels read this cache (None: wherever Triton runs; the CPU tests force
+        # them under the interpreter).
+        self.kernels = ops.triton_usable(k) if kernels is None else kernels
+
+    @property
+    def span(self) -> int:
+        """L: the slots a row may occupy (sizes selections and score buffers)."""
+        return self.k.shape[2]
+
+    def valid(self) -> torch.Tensor:
+        """[B, L] bool: the slots holding row b's tokens."""
+        if self._valid is None:
+            self._valid = torch.arange(self.span, device=self.k.device) < self.lengths.view(-1, 1)
+        return self._valid
+
+    def token_counts(self) -> torch.Tensor:
+        """[B]: tokens of each row."""
+        return self.lengths if self.lengths is not None else self.valid().sum(-1)
+
+    def keys(self) -> torch.Tensor:
+        """[B, Hkv, L, D]: the keys as the reference selections read them."""
+        return self.k
+
+    def values(self) -> torch.Tensor:
+        return self.v
+
+    def dense(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Full attention over each row's tokens: [B, Hq, D]."""
+        if self.lengths is not None and self.kernels:
+            return ops.triton_decode.dense_decode_attention(q, self.k, self.v, self.lengths, scale)
+        return naive.masked_decode_attention(q, self.k, self.v, self.valid(), scale)
+
+    def dense_with_scores(self, q: torch.Tensor, scale: float | None, score_lo: int, score_window: int):
+        """(out [B, Hq, D], scores [B, Hq, L] fp32) in one pass: the unscaled q.k at slots
+        score_lo <= pos < n - score_window, -inf elsewhere. None where this cache has no such kernel
+        (the executor then takes the reference path)."""
+        if self.lengths is None or not self.kernels:
+            return None
+        scores = torch.empty(q.shape[0], q.shape[1], self.span, device=q.device, dtype=torch.float32)
+        out = ops.triton_decode.split_decode(q, self.k, self.v, None, self.lengths, scale, dense=True, scores=scores,
+                                             score_lo=score_lo, score_window=score_window)
+        return out, scores
+
+    def sparse(self, q: torch.Tensor, selection: Selection, scale: float | None) -> torch.Tensor:
+        """Attention over the selected positions only: [B, Hq, D]."""
+        return ops.decode_attention(q, self.k, self.v, selection, scale, triton=self.kernels)
+
+
+class DecodeExecutor:
+    """One method's decode step across the layers of a model.
+
+    Call ``begin_step`` once per decode step (before layer 0), then ``layer`` for every layer in
+    order. ``fused=False`` keeps the selection layers on the reference path (dense attention, then
+    ``Method.select``); otherwise a method's fused path runs wherever the cache offers it.
+    """
+
+    def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool | None = None):
+        if not isinstance(cfg, SparseConfig):
+            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
+        self.cfg = cfg
+        self.method = methods.get(cfg.method)
+        self.roles = self.method.layer_roles(cfg, num_layers)
+        self.fused = fused
+        self.observers: list[Observer] = []
+        self.selection: Selection | None = None
+        self.shard_group = None  # a process group: the method selects across tensor-parallel ranks
+        self._stats: dict[str, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None
+
+    # ---- counters ---------------------------------------------------------------------------------
+
+    def reset_stats(self, device) -> None:
+        """Zero the read counters (in place once they exist: captured graphs keep their addresses)."""
+        if self._stats is None or next(iter(self._stats.values())).device != torch.device(device):
+            self._stats = {name: torch.zeros((), dtype=torch.float64, device=device)
+                           for name in ("read", "full_read", "sequence_steps")}
+        else:
+            for t in self._stats.values():
+                t.zero_()
+
+    def stats(self) -> dict:
+        """KV reads of the decode steps since the last ``reset_stats``: ``kv_positions_per_layer`` is the
+        mean number of positions a layer read per sequence and step (per-head methods: averaged over
+        query heads); ``kv_read_fraction`` that read over what full attention would read."""
+        steps = 0 if self._stats is None else int(self._stats["sequence_steps"])
+        if steps == 0:
+            raise ValueError("no decode step has run since the counters were reset")
+        read, full = float(self._stats["read"]), float(self._stats["full_read"])
+        return {
+            "method": self.cfg.method,
+            "budget": self.cfg.budget,
+            "sequence_steps": steps,
+            "kv_positions_per_layer": read / (steps * len(self.roles)),
+            "kv_read_fraction": read / full if full else 1.0,
+        }
+
+    def _count(self, name: str, per_row: torch.Tensor) -> None:
+        per_row = per_row.to(torch.float64)
+        if self._rows is not None:
+            per_row = per_row * self._rows
+        self._stats[name] += per_row.sum()
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def begin_step(self, rows: torch.Tensor | None = None) -> None:
+        """Start a decode step: forget the last step's set. ``rows`` [B] bool: the rows to count (the
+        engine's active rows); None counts every row."""
+        self.selection = None
+        self._rows = rows
+
+    def end_step(self) -> None:
+        """Drop the references a step holds (a captured graph's pool must not outlive them)."""
+        self.selection = None
+        self._rows = None
+
+    def _select(self, q, cache: DecodeCache) -> Selection:
+        if self.method.query_independent and self.selection is not None:
+            return self.selection
+        return self.method.select_sharded(self.cfg, q, cache.keys(), cache.valid(), self.shard_group)
+
+    def layer(self, index: int, q: torch.Tensor, cache: DecodeCache, scale: float | None = None,
+              dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention of layer ``index`` for this step: q [B, Hq, D] -> [B, Hq, D]. ``dense``: the
+        adapter's own full attention (e.g. SDPA with its mask), else ``cache.dense``."""
+        role = self.roles[index]
+        if self._stats is None:
+            self.reset_stats(q.device)
+        if index == 0:
+            self._count("sequence_steps", torch.ones(q.shape[0], device=q.device))
+        n = cache.token_counts()
+        selection = None
+        if role in (LayerRole.FULL, LayerRole.SELECT_DENSE):
+            fused = None
+            if role is LayerRole.SELECT_DENSE and self.shard_group is None and self.fused is not False:
+                fused = self.method.fused_select(self.cfg, q, cache, scale)
+            if fused is not None:
+                out, selection = fused
+            else:
+                out = dense() if dense is not None else cache.dense(q, scale)
+                if role is LayerRole.SELECT_DENSE:
+                    selection = self._select(q, cache)
+            if selection is not None:
+                self.selection = selection
+            self._count("read", n)
+        else:
+            if role is LayerRole.SELECT_SPARSE:
+                self.selection = self._select(q, cache)
+            selection = self.selection
+            if selection is None:
+                raise RuntimeError(f"layer {index}: a sparse layer ran before any selection in this step")
+            out = cache.sparse(q, selection, scale)
+            counts = selection.counts
+            self._count("read", counts.float().mean(-1) if selection.per_head else counts)
+        self._count("full_read", n)
+        for observer in self.observers:
+            observer(index, role, q, cache.keys(), cache.values(), cache.valid(), selection, out)
+        return out
