@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from lessismore.config import SparseConfig
 from lessismore.methods import Selection
-from lessismore.methods.base import grouped_scores, per_head_top, valid_ranks
+from lessismore.methods.base import grouped_scores, valid_ranks
 from lessismore.methods.lessismore import lessismore_mask
+from lessismore.methods.oracle import oracle_mask
 
 
 def ground_truth_attention(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
@@ -44,11 +46,9 @@ def attention_recall(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def topk_mask(probs: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
-    """Each head's top-``budget`` positions by attention ([B, Hq, L]); all valid slots when n <= budget."""
-    _, n = valid_ranks(valid)
-    eligible = valid.unsqueeze(1).expand_as(probs)
-    top = per_head_top(probs, eligible, min(budget, probs.shape[-1]))
-    return torch.where((n <= budget)[:, None, None], eligible, top)
+    """Each head's top-``budget`` positions by attention ([B, Hq, L]): the oracle's set; all valid
+    slots when n <= budget."""
+    return oracle_mask(probs, valid, budget)
 
 
 def oracle_recall(probs: torch.Tensor, valid: torch.Tensor, budget: int) -> torch.Tensor:
@@ -121,10 +121,10 @@ def distance_bin_labels() -> list[str]:
 
 
 def lessismore_set(probs_or_scores: torch.Tensor, valid: torch.Tensor, budget: int, recent_ratio: float, sinks: int) -> torch.Tensor:
-    """LessIsMore's set [B, L] for recent ratio r (the same rule as the method: R = round(K*r), sinks
-    dropped when R < s)."""
-    recent = int(round(budget * float(recent_ratio)))
-    return lessismore_mask(probs_or_scores, valid, budget, recent, sinks if recent >= sinks else 0)
+    """LessIsMore's set [B, L] for recent ratio r, by the method's own rule (its config's recent and
+    sink shares, its mask)."""
+    cfg = SparseConfig(method="lessismore", budget=budget, recent_ratio=recent_ratio, sink_tokens=sinks)
+    return lessismore_mask(probs_or_scores, valid, budget, cfg.recent_share, cfg.effective_sinks)
 
 
 def aggregation_sets(probs: torch.Tensor, valid: torch.Tensor, budget: int, num_kv_heads: int,

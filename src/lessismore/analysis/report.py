@@ -25,16 +25,6 @@ def methods_table(summary: dict) -> list[str]:
     return lines
 
 
-def comparison_table(runs: list[tuple[str, dict]]) -> list[str]:
-    """One row per (run label, method): mean recall, KL and top-1 agreement, for several budgets/models."""
-    lines = ["| run | method | mean recall | mean KL | top-1 agreement | steps |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for label, summary in runs:
-        for name, m in summary["methods"].items():
-            lines.append(f"| {label} | {name} | {_fmt(m['mean_recall'])} | {_fmt(m['mean_kl'], 5)} | "
-                         f"{_fmt(m['top1_agreement'], 3)} | {m['steps']} |")
-    return lines
-
-
 def summary_markdown(summary: dict) -> str:
     cfg = summary["config"]
     run = summary.get("run", {})
