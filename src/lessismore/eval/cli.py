@@ -13,48 +13,43 @@ from lessismore.eval.tasks import DEFAULT_N, TASKS
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from lessismore.cli import METHOD_NAMES, add_sparse_arguments, name_list
+
     defaults = ", ".join(f"{t} {n}" for t, n in DEFAULT_N.items())
     parser.add_argument("--task", required=True, choices=TASKS, help="benchmark")
     parser.add_argument("--data", default=None, help="data file (JSONL); required for gpqa, which is not shipped")
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a HF model folder or a .gguf file")
-    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. lessismore,tidaldecode,full")
-    parser.add_argument("--budgets", default="", help="comma-separated token budgets K, e.g. 1024,2048,4096 (full attention runs once)")
+    parser.add_argument("--methods", required=True, type=name_list,
+                        help=f"comma-separated methods, e.g. lessismore,tidaldecode,full (of {', '.join(METHOD_NAMES)})")
     parser.add_argument("--n", type=int, default=None, help=f"samples per problem (default per task: {defaults})")
     parser.add_argument("--limit", type=int, default=None, help="only the first P problems")
-    parser.add_argument("--max-new-tokens", type=int, default=32768)
+    parser.add_argument("--max-new-tokens", type=int, default=32768, help="generation length limit per sample")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences generated together")
     parser.add_argument("--seed", type=int, default=0, help="base seed; each sample's seed derives from it")
-    parser.add_argument("--recent-ratio", type=float, default=0.25, help="share of K for the most recent tokens")
-    parser.add_argument("--sink-tokens", type=int, default=4)
-    parser.add_argument("--selection-layers", default=None, help="comma-separated layer indices (default: the model's)")
-    parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if a GPU is there, else cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if a GPU is there, else cpu)")
     parser.add_argument("--engine", choices=["hf", "fast"], default="hf",
                         help="hf: transformers generate; fast: lessismore.Engine (batched, CUDA graphs on GPU)")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="fast engine: cache room for a prompt")
     parser.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sparse_arguments(parser, sweep=True)
     return parser
 
 
-def _parse_list(name: str, kind, text: str | None):
-    if text is None:
-        return None
-    try:
-        return [kind(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{name}: expected a comma-separated list of {kind.__name__}, got {text!r}") from None
-
-
 def settings_from_args(args):
+    """The EvalSettings of the command line, checked (the sparse options by ``lessismore.cli``, which
+    names the option in its errors)."""
+    from lessismore.cli import sparse_configs, sparse_settings
     from lessismore.eval.runner import EvalSettings
 
-    selection = _parse_list("selection_layers", int, args.selection_layers)
+    sparse_configs(args, args.methods)  # every cell's config, before anything loads
     return EvalSettings(
         task=args.task,
         out=args.out,
-        methods=_parse_list("methods", str, args.methods),
-        budgets=_parse_list("budgets", int, args.budgets or ""),
+        methods=list(args.methods),
+        budgets=list(args.budgets or ()),
         model=args.model,
         data=args.data,
         n=args.n,
@@ -64,26 +59,30 @@ def settings_from_args(args):
         top_p=args.top_p,
         batch_size=args.batch_size,
         seed=args.seed,
-        recent_ratio=args.recent_ratio,
-        sink_tokens=args.sink_tokens,
-        selection_layers=tuple(selection) if selection is not None else None,
         device=args.device,
+        **sparse_settings(args),
     ).validate()
 
 
 def run_eval(args) -> int:
     """Run (or resume) the grid; on a single process, print the report table at the end."""
+    from lessismore.cli import check_device, check_model
     from lessismore.eval.report import write_report
-    from lessismore.eval.runner import evaluate, shard
+    from lessismore.eval.runner import bind_folder, evaluate, shard
 
     settings = settings_from_args(args)
+    check_device(settings.device)
+    check_model(settings.model)
+    bind_folder(settings)  # refuses a folder of other settings before the model loads
     generator = None
     if args.engine == "fast":
         from lessismore.eval.generation import load_engine_generator
 
+        if args.max_prompt_tokens <= 0:
+            raise ValueError(f"--max-prompt-tokens: must be a positive integer, got {args.max_prompt_tokens}")
         generator = load_engine_generator(settings.model, settings.device, settings.batch_size,
                                           args.max_prompt_tokens + settings.max_new_tokens)
-    result = evaluate(settings, generator=generator)
+    result = evaluate(settings, generator=generator, progress=not args.no_progress)
     rank, world = shard()
     print(
         f"rank {rank}/{world}: {result['written']} samples written, {result['skipped']} already done -> {result['file']}",

@@ -6,15 +6,15 @@ can plug in by implementing :class:`Generator`.
 Sampling is seeded per sample, not per batch: each row draws its token from its own generator seeded with
 the sample's seed (inverse-CDF on a CPU uniform), so a sample's draws do not depend on which other
 samples share its batch. Temperature 0 is greedy.
+
+torch is imported where it is used, so importing this module (and ``lessismore.eval``) stays light.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import Callable, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ class Generator(Protocol):
     """What the evaluation needs from a backend.
 
     ``generate`` gets chat-formatted prompts, one seed per prompt, the sampling settings and the sparse
-    attention setting (None: full attention), and returns one Completion per prompt, in order."""
+    attention setting (a SparseConfig; ``SparseConfig(method="full")`` is full attention), and returns
+    one Completion per prompt, in order. A backend may also have an ``on_step`` attribute: the
+    evaluation sets it to a callable taking the number of tokens the current batch has generated, for
+    its progress bar."""
 
     def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse) -> list[Completion]: ...
 
@@ -54,14 +57,23 @@ class _SeededSampler:
     and leaves only the drawn token, so the greedy step of ``generate`` picks it. It also records when
     the first decoding step starts (the end of prefill)."""
 
-    def __init__(self, seeds: list[int], params: SamplingParams):
+    def __init__(self, seeds: list[int], params: SamplingParams, on_step: Callable[[int], None] | None = None):
+        import torch
+
         self.params = params
+        self.on_step = on_step
+        self.steps = 0
         self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         self.first_call: float | None = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids, scores):
+        import torch
+
         if self.first_call is None:
             self.first_call = time.perf_counter()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(self.steps)
         if self.params.greedy:
             return scores
         logits = scores.float() / self.params.temperature
@@ -103,6 +115,7 @@ class HFGenerator:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        self.on_step: Callable[[int], None] | None = None  # called with the tokens generated so far
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -112,25 +125,35 @@ class HFGenerator:
         self.device = next(model.parameters()).device
 
     def _attention(self, sparse):
-        if sparse is None or getattr(sparse, "method", None) == "full":
+        from lessismore.config import FULL
+
+        if sparse == FULL:  # full attention runs the model unpatched
             return contextlib.nullcontext()
         from lessismore import sparse_attention
 
         return sparse_attention(self.model, sparse)
 
     def _kv_read_fraction(self, sparse) -> float | None:
-        if sparse is None or getattr(sparse, "method", None) == "full":
+        from lessismore.config import FULL
+
+        if sparse == FULL:
             return 1.0
         from lessismore import stats
 
         return float(stats(self.model)["kv_read_fraction"])
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse=None) -> list[Completion]:
+    def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse) -> list[Completion]:
+        import torch
+
+        _check_sparse(sparse)
         if len(prompts) != len(seeds):
             raise ValueError("seeds: need one seed per prompt")
+        with torch.inference_mode():
+            return self._generate(prompts, seeds, params, sparse)
+
+    def _generate(self, prompts, seeds, params, sparse) -> list[Completion]:
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampler = _SeededSampler(seeds, params)
+        sampler = _SeededSampler(seeds, params, self.on_step)
         config = self.model.generation_config.__class__.from_dict(self.model.generation_config.to_dict())
         config.update(
             do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None, num_beams=1,
@@ -165,7 +188,16 @@ class HFGenerator:
 
     def _sync(self):
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.synchronize(self.device)
+
+
+def _check_sparse(sparse) -> None:
+    from lessismore.config import SparseConfig
+
+    if not isinstance(sparse, SparseConfig):
+        raise ValueError(f"sparse: expected a SparseConfig (SparseConfig(method='full') for full attention), got {sparse!r}")
 
 
 class EngineGenerator:
@@ -177,13 +209,13 @@ class EngineGenerator:
         self.tokenizer = engine.tokenizer
         self._method = object()  # nothing set yet
 
-    def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse=None) -> list[Completion]:
+    def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse) -> list[Completion]:
+        _check_sparse(sparse)
         if len(prompts) != len(seeds):
             raise ValueError("seeds: need one seed per prompt")
-        method = None if sparse is None or getattr(sparse, "method", None) == "full" else sparse
-        if method != self._method:  # switching drops the captured graphs: only when it changes
-            self.engine.set_method(method)
-            self._method = method
+        if sparse != self._method:  # switching drops the captured graphs: only when it changes
+            self.engine.set_method(sparse)
+            self._method = sparse
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         results = self.engine.generate(ids, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                        top_p=params.top_p, seed=list(seeds))
@@ -198,9 +230,10 @@ class EngineGenerator:
 
 
 def load_engine_generator(model_spec: str, device: str | None, max_batch: int, max_len: int) -> EngineGenerator:
+    from lessismore.config import FULL
     from lessismore.engine import Engine
 
-    return EngineGenerator(Engine(model_spec, cfg=None, device=device or default_device(), max_batch=max_batch,
+    return EngineGenerator(Engine(model_spec, cfg=FULL, device=device or default_device(), max_batch=max_batch,
                                   max_len=max_len))
 
 
@@ -216,6 +249,8 @@ def load_hf_generator(model_spec: str, device: str | None = None, dtype=None) ->
 def default_device() -> str:
     """cuda:LOCAL_RANK when a GPU is there (one GPU per torchrun process), else cpu."""
     import os
+
+    import torch
 
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"

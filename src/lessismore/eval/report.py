@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from lessismore.eval.metrics import summarize
-from lessismore.eval.runner import FULL, RUN_FILE, SAMPLES_GLOB, read_records
+from lessismore.eval.runner import RUN_FILE, SAMPLES_GLOB, read_records
 
 DISPLAY = {
     "quest": "Quest",
@@ -16,10 +16,10 @@ DISPLAY = {
     "lessismore": "LessIsMore",
     "streaming": "StreamingLLM",
     "oracle": "Oracle top-k",
-    FULL: "Full attention",
+    "full": "Full attention",
 }
 # The paper's row order: baselines, LessIsMore, full attention last; other methods before LessIsMore.
-ORDER = ["quest", "tidaldecode", "streaming", "oracle", "lessismore", FULL]
+ORDER = ["quest", "tidaldecode", "streaming", "oracle", "lessismore", "full"]
 TABLE_FILE = "report.md"
 PLOT_FILE = "accuracy_vs_budget.png"
 
@@ -48,13 +48,19 @@ def load(out: str | Path) -> tuple[dict, list[dict]]:
 
 
 def compute_rows(records: list[dict]) -> list[dict]:
-    """One row per (method, budget): the metrics of ``summarize``; full attention once (budget None)."""
+    """One row per (method, budget): the metrics of ``summarize``; a method without a budget (full
+    attention) once, with budget None."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["method"], None if r["method"] == FULL else r["budget"])].append(r)
+        groups[(r["method"], r["budget"])].append(r)
     rows = [{"method": m, "budget": b, **summarize(g)} for (m, b), g in groups.items()]
     rows.sort(key=lambda r: (_method_rank(r["method"]), r["budget"] or 0))
     return rows
+
+
+def _budgetless(rows: list[dict], method: str) -> bool:
+    """The method ran without a budget (full attention): its only row has budget None."""
+    return all(r["budget"] is None for r in rows if r["method"] == method)
 
 
 def _length(tokens: float) -> str:
@@ -66,15 +72,15 @@ def _pct(x: float | None) -> str:
 
 
 def table1(rows: list[dict]) -> str:
-    """Methods x budgets, each cell "accuracy % (mean generation length)"; the full attention row
-    repeats its one value in every budget column, as in the paper."""
+    """Methods x budgets, each cell "accuracy % (mean generation length)"; the row of a method without
+    a budget (full attention) repeats its one value in every budget column, as in the paper."""
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
     methods = sorted({r["method"] for r in rows}, key=_method_rank)
     cell = {(r["method"], r["budget"]): f"{_pct(r['pass@1'])} ({_length(r['mean_gen_len'])})" for r in rows}
     header = ["method"] + ([f"K={b}" for b in budgets] or ["full"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
-        if m == FULL:
+        if _budgetless(rows, m):
             values = [cell[(m, None)]] * max(len(budgets), 1)
         else:
             values = [cell.get((m, b), "") for b in budgets]
@@ -127,7 +133,7 @@ def plot(rows: list[dict], path: str | Path, title: str = "") -> None:
     for m in sorted({r["method"] for r in rows}, key=_method_rank):
         mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["budget"] or 0)
         label = DISPLAY.get(m, m)
-        if m == FULL:
+        if _budgetless(rows, m):
             r = mine[0]
             ax.axhline(100 * r["pass@1"], color="black", linestyle="--", label=label)
             continue

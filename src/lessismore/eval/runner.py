@@ -3,7 +3,8 @@ finished (problem, sample, method, budget), resumable and sharded across torchru
 
 Layout of an output folder:
 - ``run.json``: the settings that must not change between runs into the same folder (task, data,
-  model, sampling, sparse options). Methods, budgets, n and limit may grow on a later run.
+  model, sampling, and the sparse options resolved to the methods' defaults). Methods, budgets, n and
+  limit may grow on a later run.
 - ``samples.rank<R>.jsonl``: the records written by rank R (``RANK``/``WORLD_SIZE`` from torchrun;
   rank 0 of 1 without it). Problems go to ranks round-robin. ``report`` merges every file.
 """
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +23,12 @@ from lessismore.eval.grading import grade_response
 from lessismore.eval.prompts import build_prompt, has_chat_template
 from lessismore.eval.tasks import DEFAULT_N, TASKS, Problem, data_path, file_sha256, load_task
 
-FULL = "full"
 RUN_FILE = "run.json"
 SAMPLES_GLOB = "samples*.jsonl"
+# The SparseConfig fields shared by every cell of a run (the budget is the grid's).
+SPARSE_FIELDS = ("recent_ratio", "sink_tokens", "selection_layers", "full_layers", "page_size")
+# Options added after the first folders were made, with the value those folders ran with.
+_ADDED_OPTIONS = {"full_layers": [0, 1], "page_size": 16}
 
 
 @dataclass
@@ -41,14 +46,18 @@ class EvalSettings:
     top_p: float = 0.95
     batch_size: int = 8
     seed: int = 0
-    recent_ratio: float = 0.25
-    sink_tokens: int = 4
+    # The sparse-attention options shared by the methods (SparseConfig fields but the budget); None:
+    # each method's default. Each method takes those it uses (SparseConfig.for_method).
+    recent_ratio: float | None = None
+    sink_tokens: int | None = None
     selection_layers: tuple[int, ...] | None = None
+    full_layers: tuple[int, ...] | None = None
+    page_size: int | None = None
     device: str | None = None
 
     def validate(self) -> "EvalSettings":
         """Check every field (ValueError naming it) and fill in defaults; returns self."""
-        from lessismore.methods import available
+        from lessismore import methods
 
         if self.task not in TASKS:
             raise ValueError(f"task: unknown task {self.task!r}; allowed: {', '.join(TASKS)}")
@@ -73,45 +82,77 @@ class EvalSettings:
             raise ValueError("methods: give at least one method")
         self.methods = list(dict.fromkeys(self.methods))
         for m in self.methods:
-            if m not in available():
-                raise ValueError(f"methods: unknown method {m!r}; allowed: {', '.join(available())}")
+            if m not in methods.available():
+                raise ValueError(f"methods: unknown method {m!r}; allowed: {', '.join(methods.available())}")
         self.budgets = list(dict.fromkeys(self.budgets))
         for b in self.budgets:
             if not isinstance(b, int) or isinstance(b, bool) or b < 1:
                 raise ValueError(f"budgets: must be positive integers, got {b!r}")
-        if any(m != FULL for m in self.methods) and not self.budgets:
-            raise ValueError("budgets: sparse methods need at least one budget (e.g. --budgets 1024,2048)")
+        budgeted = [m for m in self.methods if "budget" in methods.get(m).settings]
+        if self.budgets and not budgeted:
+            raise ValueError(f"budgets: not used by {', '.join(self.methods)}")
+        for name, value in self.options().items():
+            if value is not None and not any(name in methods.get(m).settings for m in self.methods):
+                raise ValueError(f"{name}: not used by {', '.join(self.methods)}")
+        for name in ("selection_layers", "full_layers"):  # as SparseConfig holds them: sorted, once each
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                setattr(self, name, tuple(sorted(set(value))) if all(isinstance(x, int) for x in value) else tuple(value))
         for method, budget in self.grid():  # the config checks (sink tokens < budget, ratio, layers)
-            if method != FULL:
-                self.sparse_config(method, budget)
+            self.sparse_config(method, budget)
         return self
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=float(self.temperature), top_p=float(self.top_p), max_new_tokens=self.max_new_tokens)
 
+    def options(self) -> dict:
+        """The shared sparse options (None: not given), by SparseConfig field."""
+        return {name: getattr(self, name) for name in SPARSE_FIELDS}
+
     def grid(self) -> list[tuple[str, int | None]]:
-        """(method, budget) cells in the order given; full attention once, with budget None."""
+        """(method, budget) cells in the order given: each budget (none given: the method's default
+        budget); a method without a budget (full attention) once, with budget None."""
+        from lessismore import methods
+
         cells = []
         for m in self.methods:
-            cells.extend([(m, None)] if m == FULL else [(m, b) for b in self.budgets])
+            settings = methods.get(m).settings
+            if "budget" not in settings:
+                cells.append((m, None))
+            else:
+                cells.extend((m, b) for b in self.budgets or [settings["budget"]])
         return cells
 
     def sparse_config(self, method: str, budget: int | None):
-        """The SparseConfig of a cell; None for full attention."""
-        if method == FULL:
-            return None
+        """The SparseConfig of a cell (``SparseConfig(method="full")`` for full attention)."""
         from lessismore.config import SparseConfig
 
         try:
-            return SparseConfig(
-                method=method, budget=budget, recent_ratio=self.recent_ratio,
-                sink_tokens=self.sink_tokens, selection_layers=self.selection_layers,
-            )
+            return SparseConfig.for_method(method, budget=budget, **self.options())
         except ValueError as e:  # "field: message" -> the command-line field, and the cell
             name, _, message = str(e).partition(": ")
             name = {"budget": "budgets"}.get(name, name)
-            raise ValueError(f"{name}: {message} (method {method}, budget {budget})") from None
+            cell = f"method {method}" + (f", budget {budget}" if budget is not None else "")
+            raise ValueError(f"{name}: {message} ({cell})") from None
+
+    def resolved_options(self) -> dict:
+        """Each sparse option as the methods run it: the value given, else the default of the methods
+        that use it (a {method: default} map where their defaults differ). Independent of the methods
+        chosen, so a later run may add methods to the folder."""
+        from lessismore import methods
+
+        out = {}
+        for name, value in self.options().items():
+            if value is None:
+                defaults = {m: methods.get(m).settings[name] for m in methods.available()
+                            if name in methods.get(m).settings}
+                distinct = {repr(v) for v in defaults.values()}
+                value = next(iter(defaults.values())) if len(distinct) == 1 else defaults
+            elif name == "recent_ratio":
+                value = float(value)  # as SparseConfig holds it: --recent-ratio 1 and 1.0 are one run
+            out[name] = _jsonable(value)
+        return out
 
     def fixed(self) -> dict:
         """The settings a folder is bound to (must match when resuming)."""
@@ -124,10 +165,14 @@ class EvalSettings:
             "top_p": float(self.top_p),
             "max_new_tokens": self.max_new_tokens,
             "seed": self.seed,
-            "recent_ratio": float(self.recent_ratio),
-            "sink_tokens": self.sink_tokens,
-            "selection_layers": list(self.selection_layers) if self.selection_layers is not None else None,
+            **self.resolved_options(),
         }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
 
 
 def sample_seed(base_seed: int, problem_id: str, sample: int) -> int:
@@ -196,6 +241,8 @@ def bind_folder(settings: EvalSettings) -> None:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"out: {path} is not a run file of lessismore eval") from None
         for key, value in fixed.items():
+            if key not in old and key in _ADDED_OPTIONS:
+                old[key] = _ADDED_OPTIONS[key]
             if old.get(key) != value:
                 raise ValueError(
                     f"out: {out} holds a run with {key}={old.get(key)!r}, this run has {key}={value!r}; "
@@ -242,6 +289,8 @@ def evaluate(settings: EvalSettings, generator: Generator | None = None, progres
     if generator is None:
         from lessismore.eval.generation import load_hf_generator
 
+        if progress:
+            print(f"eval: loading model {settings.model} ...", file=sys.stderr, flush=True)
         generator = load_hf_generator(settings.model, settings.device)
     _check_against_model(generator, [settings.sparse_config(m, b) for m, b in cells])
     tokenizer = getattr(generator, "tokenizer", None)
@@ -252,29 +301,47 @@ def evaluate(settings: EvalSettings, generator: Generator | None = None, progres
             prompts[p.id] = build_prompt(tokenizer, p.user_message) if tokenizer is not None else p.user_message
         return prompts[p.id]
 
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     _repair_tail(path)
     templated = tokenizer is not None and has_chat_template(tokenizer)
-    # disable=None: tqdm shows the bar only on a terminal
-    bar = tqdm(total=total, desc=f"eval {settings.task}", unit="sample", disable=None if progress else True, file=sys.stderr)
-    with open(path, "a", encoding="utf-8") as f:
-        for (method, budget), work in todo.items():
-            sparse = settings.sparse_config(method, budget)
-            bar.set_postfix_str(f"{method}" + (f"@{budget}" if budget else ""))
-            for i in range(0, len(work), settings.batch_size):
-                batch = work[i : i + settings.batch_size]
-                completions = generator.generate(
-                    [prompt_of(w.problem) for w in batch], [w.seed for w in batch], settings.sampling, sparse
-                )
-                for w, c in zip(batch, completions):
-                    rec = make_record(settings, w, method, budget, c, rank)
-                    rec["chat_template"] = templated
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                result["written"] += len(batch)
-                bar.update(len(batch))
-    bar.close()
+    # Shown wherever stderr goes (a terminal or a log), as analyze's is: a batch of long generations
+    # takes minutes, so the postfix also counts the current batch's tokens (backends with on_step).
+    bar = tqdm(total=total, desc=f"eval {settings.task}", unit="sample", disable=not progress, file=sys.stderr)
+    cell_label = ""
+    last_shown = [0.0]
+
+    def on_step(tokens: int) -> None:
+        now = time.monotonic()
+        if now - last_shown[0] >= 1.0:
+            last_shown[0] = now
+            bar.set_postfix_str(f"{cell_label}, batch at token {tokens}")
+
+    stepping = progress and hasattr(generator, "on_step")
+    if stepping:
+        generator.on_step = on_step
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            for (method, budget), work in todo.items():
+                sparse = settings.sparse_config(method, budget)
+                cell_label = method + (f"@{budget}" if budget is not None else "")
+                bar.set_postfix_str(cell_label)
+                for i in range(0, len(work), settings.batch_size):
+                    batch = work[i : i + settings.batch_size]
+                    completions = generator.generate(
+                        [prompt_of(w.problem) for w in batch], [w.seed for w in batch], settings.sampling, sparse
+                    )
+                    for w, c in zip(batch, completions):
+                        rec = make_record(settings, w, method, budget, c, rank)
+                        rec["chat_template"] = templated
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    f.flush()
+                    result["written"] += len(batch)
+                    bar.update(len(batch))
+    finally:
+        if stepping:
+            generator.on_step = None
+        bar.close()
     return result
 
 
@@ -282,11 +349,15 @@ def _check_against_model(generator, configs) -> None:
     """Resolve each sparse config against the generator's model (layer indices in range) before any
     work, so a bad cell fails at the start rather than after hours of the cells before it."""
     config = getattr(getattr(generator, "model", None), "config", None)
-    if config is None:
+    engine_config = getattr(getattr(generator, "engine", None), "model_config", None)
+    if config is not None:
+        shape = (config.model_type, config.num_hidden_layers, config.hidden_size)
+    elif engine_config is not None:
+        shape = (engine_config.model_type, engine_config.num_layers, engine_config.hidden_size)
+    else:
         return
     for cfg in configs:
-        if cfg is not None:
-            cfg.resolve(config.model_type, config.num_hidden_layers, config.hidden_size)
+        cfg.resolve(*shape)
 
 
 def make_record(settings: EvalSettings, w: _Work, method: str, budget: int | None, c, rank: int) -> dict:
