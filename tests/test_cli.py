@@ -243,7 +243,6 @@ def test_help_is_light_and_shows_defaults(argv):
         assert "(default: 256)" in text and "(default: the method's, 2048)" in text
 
 
-@pytest.mark.xfail(reason="lessismore/analysis/__init__.py imports the runner (torch, the HF integration)", strict=False)
 def test_analyze_help_is_light():
     _, tail = _help(["analyze", "--help"])
     assert tail.startswith("[]"), f"--help imported {tail}"
