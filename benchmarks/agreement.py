@@ -47,7 +47,7 @@ def main() -> None:
         for method in available():
             if method == "full":
                 continue
-            with lim.sparse_attention(model, lim.SparseConfig(method=method, budget=budget)):
+            with lim.sparse_attention(model, lim.SparseConfig.for_method(method, budget=budget)):
                 tokens, seconds = greedy()
                 stats = lim.stats(model)
             agreement, first = _agreement(tokens, full_tokens)

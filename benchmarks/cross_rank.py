@@ -2,6 +2,7 @@
 single-process set, and what the all-gather costs next to the selection itself.
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/cross_rank.py --out benchmarks/results/cross-rank-h200x2.json
+    torchrun --nproc_per_node 2 benchmarks/cross_rank.py --smoke --out /tmp/cross-rank-smoke.json   (CPU, gloo)
 
 Shapes: Qwen3-32B's attention (64 query / 8 KV heads, head dim 128) split over the ranks, bf16, K=2048.
 Times are CUDA-event medians of eager calls (the selection includes its own scores and top-k).
@@ -14,17 +15,30 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from lessismore.config import SparseConfig
-from lessismore.integrations.cross_rank import all_gather_heads, lessismore_select
 from lessismore.methods import get
+
+try:  # LessIsMore's cross-rank selection: methods/lessismore/distributed.py (was integrations/cross_rank.py)
+    from lessismore.methods.lessismore.distributed import all_gather_heads
+    from lessismore.methods.lessismore.distributed import select_across_ranks as lessismore_select
+except ImportError:
+    from lessismore.integrations.cross_rank import all_gather_heads, lessismore_select
 
 
 def median_ms(fn, reps: int = 30) -> float:
     fn()
+    if not torch.cuda.is_initialized():  # --smoke on the CPU: the host clock
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -40,14 +54,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--points", default="8x16384,32x16384")
+    parser.add_argument("--smoke", action="store_true", help="CPU and gloo, tiny shapes: checks the script, measures nothing")
     args = parser.parse_args()
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    if args.smoke:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+        args.points = "2x256"
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", torch.cuda.current_device())
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device())
     hq, hkv, d = 64, 8, 128
     lq, lkv = hq // world, hkv // world
-    cfg = SparseConfig(method="lessismore", budget=2048)
+    cfg = SparseConfig(method="lessismore", budget=64 if args.smoke else 2048)
     rows = []
     for point in args.points.split(","):
         b, length = (int(x) for x in point.split("x"))
@@ -76,7 +96,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if rank == 0:
         result = dict(command="NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node %d " % world + " ".join(sys.argv),
-                      device=f"{world} x {torch.cuda.get_device_name(0)}", torch=torch.__version__,
+                      device=f"{world} x {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu (smoke)'}", torch=torch.__version__,
                       date=datetime.date.today().isoformat(), nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"), rows=rows)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

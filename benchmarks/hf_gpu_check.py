@@ -37,9 +37,9 @@ for name, cls, conf in [
     full = model.generate(**enc, **gen)
     row = {}
     for method in ["lessismore", "tidaldecode", "quest", "streaming", "oracle"]:
-        with lim.sparse_attention(model, lim.SparseConfig(method=method, budget=4096, selection_layers=(2, 5))):
+        with lim.sparse_attention(model, lim.SparseConfig.for_method(method, budget=4096, selection_layers=(2, 5))):
             exact = model.generate(**enc, **gen)
-        with lim.sparse_attention(model, lim.SparseConfig(method=method, budget=32, selection_layers=(2, 5))):
+        with lim.sparse_attention(model, lim.SparseConfig.for_method(method, budget=32, selection_layers=(2, 5))):
             t0 = time.perf_counter(); small = model.generate(**enc, **gen); dt = time.perf_counter() - t0
             st = lim.stats(model)
         row[method] = dict(exact_equal=bool(torch.equal(exact, full)),

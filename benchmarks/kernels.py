@@ -27,7 +27,24 @@ import torch.nn.functional as F
 from lessismore.config import SparseConfig
 from lessismore.methods.base import mask_to_selection
 from lessismore.methods.lessismore import lessismore_mask
-from lessismore.ops import selection, triton_decode
+from lessismore.ops import triton_decode
+
+try:  # the fused LessIsMore selection layer: methods/lessismore/triton.py (was ops/selection.py)
+    from lessismore.methods.lessismore import triton as lessismore_triton
+except ImportError:
+    from lessismore.ops import selection as lessismore_triton
+
+union_selection = lessismore_triton.union_selection
+
+
+def select_lessismore(q, k_cache, v_cache, lengths, cfg):
+    """The fused selection layer on a contiguous cache: (dense attention output, Selection)."""
+    old = getattr(lessismore_triton, "select_lessismore", None)
+    if old is not None:
+        return old(q, k_cache, v_cache, lengths, cfg)
+    from lessismore.decode import DecodeCache
+
+    return lessismore_triton.fused_select(cfg, q, DecodeCache(k_cache, v_cache, lengths=lengths, kernels=True))
 
 HQ, HKV, D = 32, 8, 128  # Qwen3-8B
 DTYPE = torch.bfloat16
@@ -243,7 +260,7 @@ def run_grid(args, bw, records, flex):
 
 def run_selection(args, bw, results):
     """The selection layer and the union at B = 32, 32 heads, L = 32K (and any --sel-shapes)."""
-    cfg = SparseConfig(budget=args.sel_budget, recent_ratio=0.25, sink_tokens=4)
+    cfg = SparseConfig(method="lessismore", budget=args.sel_budget, recent_ratio=0.25, sink_tokens=4)
     recent, sinks = cfg.recent_share, cfg.effective_sinks
     k_rank = cfg.budget - recent
     for b, length in args.sel_shapes:
@@ -254,7 +271,7 @@ def run_selection(args, bw, results):
         t, _ = bench(lambda i: sdpa_full(inp.q[i], *inp.kv(i)), inp.sets)
         rec["sdpa_full_ms"] = t * 1e3
         for name, graph in (("select", True), ("select_eager", False)):
-            t, _ = bench(lambda i: selection.select_lessismore(inp.q[i], *inp.kv(i), lengths, cfg), inp.sets, graph=graph)
+            t, _ = bench(lambda i: select_lessismore(inp.q[i], *inp.kv(i), lengths, cfg), inp.sets, graph=graph)
             rec[f"{name}_ms"] = t * 1e3
         scores = torch.empty(b, HQ, length, device=DEVICE)
 
@@ -272,10 +289,10 @@ def run_selection(args, bw, results):
         rec["topk_ms"] = t * 1e3
         t, _ = bench(lambda i: scores.topk(k_rank, dim=-1, sorted=False), 1)
         rec["topk_unsorted_ms"] = t * 1e3
-        rec["select_profile"] = profile_select(lambda: selection.select_lessismore(inp.q[0], *inp.kv(0), lengths, cfg))
+        rec["select_profile"] = profile_select(lambda: select_lessismore(inp.q[0], *inp.kv(0), lengths, cfg))
         values, top = scores.topk(k_rank, dim=-1)
         for name, graph in (("union", True), ("union_eager", False)):
-            t, _ = bench(lambda i: selection.union_selection(top, values, lengths, length, cfg.budget, recent, sinks), 1,
+            t, _ = bench(lambda i: union_selection(top, values, lengths, length, cfg.budget, recent, sinks), 1,
                          graph=graph)
             rec[f"{name}_ms"] = t * 1e3
         valid = torch.arange(length, device=DEVICE) < lengths[:, None]
@@ -285,7 +302,7 @@ def run_selection(args, bw, results):
 
         t, _ = bench(reference_union, 1, reps=10, inner=3, graph=False)
         rec["reference_mask_topk_union_eager_ms"] = t * 1e3  # includes the reference's own top-k
-        sel = selection.union_selection(top, values, lengths, length, cfg.budget, recent, sinks)
+        sel = union_selection(top, values, lengths, length, cfg.budget, recent, sinks)
         ref = reference_union(0)
         rec["union_equal_reference"] = bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts))
         rec["select_over_sdpa_full"] = rec["select_ms"] / rec["sdpa_full_ms"]
