@@ -295,8 +295,13 @@ def test_vllm_paged_gather_reads_the_cache(dtype, block_size, head_dim):
 
 @pytest.mark.parametrize("method", ["lessismore", "tidaldecode", "streaming"])
 def test_vllm_paged_selection_and_attention_match_methods(method):
-    """The backend's decode path on a paged cache (rows of different lengths) equals methods.select and
-    ops.decode_attention on the dense cache."""
+    """The CPU backend's decode path (``CpuPagedCache`` through the decode-step executor) on a paged
+    cache with rows of different lengths equals methods.select and ops.decode_attention on the dense
+    cache."""
+    from lessismore import ops
+    from lessismore.decode import DecodeExecutor
+    from lessismore.ops import naive
+
     torch.manual_seed(0)
     batch, hq, hkv, dim, block_size = 3, 4, 2, 32, 32
     lengths = torch.tensor([90, 40, 130])
@@ -304,25 +309,361 @@ def test_vllm_paged_selection_and_attention_match_methods(method):
     keys, values = torch.randn(batch, length, hkv, dim), torch.randn(batch, length, hkv, dim)
     kv_cache, block_table = _paged_cache(keys, values, block_size, "vec")
     q = torch.randn(batch, hq, dim)
-    cfg = SparseConfig(method=method, budget=24, recent_ratio=0.5, sink_tokens=2, selection_layers=(2,))
-
-    impl = object.__new__(plugin.LessIsMoreImpl)
-    impl.sparse_cfg, impl.method, impl.tp_size = cfg, methods.get(method), 1
-    impl.num_heads, impl.scale = hq, dim**-0.5
-    rows = plugin.DecodeRows(tokens=torch.arange(batch), seq_lens=lengths, block_table=block_table, max_len=length, batch_rows=batch)
-    key_offsets, value_offsets = plugin.cpu_cache_layout("vec", torch.float32, block_size, dim)
-    rows.selection = impl._select(q, kv_cache, key_offsets, rows)
-    out = impl._attend(q, kv_cache, key_offsets, value_offsets, rows)
-
+    cfg = SparseConfig.for_method(method, budget=24, recent_ratio=0.5, sink_tokens=2, selection_layers=(2,))
     valid = torch.arange(length) < lengths.unsqueeze(-1)
     k_dense, v_dense = keys.transpose(1, 2), values.transpose(1, 2)
-    expected = methods.get(method).select(cfg, q, k_dense, valid)
-    assert torch.equal(rows.selection.counts, expected.counts)
-    live = torch.arange(expected.indices.shape[-1]) < expected.counts.unsqueeze(-1)
-    assert torch.equal(torch.where(live, rows.selection.indices, -1), torch.where(live, expected.indices, -1))
-    from lessismore import ops
 
-    torch.testing.assert_close(out, ops.decode_attention(q, k_dense, v_dense, expected, dim**-0.5))
+    rows = plugin.DecodeRows(tokens=torch.arange(batch), seq_lens=lengths, block_table=block_table, max_len=length,
+                             batch_rows=batch)
+    key_offsets, value_offsets = plugin.cpu_cache_layout("vec", torch.float32, block_size, dim)
+    executor = DecodeExecutor(cfg, 4)
+    chosen = {}
+    executor.observers.append(lambda layer, role, q_, k, v, valid_, sel, out: chosen.setdefault(layer, sel))
+    executor.begin_step()
+    outs = []
+    for layer in range(4):
+        cache = plugin.CpuPagedCache(kv_cache, key_offsets, value_offsets, rows)
+        outs.append(executor.layer(layer, q, cache, dim**-0.5,
+                                   dense=lambda: naive.masked_decode_attention(q, k_dense, v_dense, valid, dim**-0.5)))
+    selection = chosen[2]  # the selection layer (TidalDecode, LessIsMore) or the first sparse layer (StreamingLLM)
+    assert torch.equal(cache.keys(), torch.where(valid[:, None, :, None], k_dense, cache.keys()))
+
+    expected = methods.get(method).select(cfg, q, k_dense, valid)
+    assert torch.equal(selection.counts, expected.counts)
+    live = torch.arange(expected.indices.shape[-1]) < expected.counts.unsqueeze(-1)
+    assert torch.equal(torch.where(live, selection.indices, -1), torch.where(live, expected.indices, -1))
+    torch.testing.assert_close(outs[3], ops.decode_attention(q, k_dense, v_dense, expected, dim**-0.5))
+
+
+# ---- the CUDA backend's adapter, on CPU --------------------------------------------------------------
+# integrations.vllm_cuda over the installed vLLM's own FLASH_ATTN / TRITON_ATTN classes (the builders' real
+# build; the impls' kernel replaced by a PyTorch paged attention, as neither kernel runs on CPU) and the
+# paged Triton kernels under the interpreter. Also runs against vLLM 0.26.0's sources:
+#   PYTHONPATH=<unpacked 0.26 site with vllm only> .venv-vllm/bin/python -m pytest tests/test_vllm.py -k cuda_adapter
+
+
+def _vllm_cuda(union_kernel: bool = False):
+    """integrations.vllm_cuda, or a skip. union_kernel: the test runs LessIsMore's fused union, whose
+    kernels' interpreter tests need Triton 3.6 (pyproject's test extra; later interpreters refuse one
+    of its masks)."""
+    try:
+        from lessismore.integrations import vllm_cuda
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"vLLM's GPU backends do not import here: {exc}")
+    import triton
+
+    from lessismore.ops import triton_decode
+
+    if not triton_decode.INTERPRETED:
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    if union_kernel and not triton.__version__.startswith("3.6."):
+        pytest.skip(f"LessIsMore's union kernels under the interpreter need Triton 3.6, this is {triton.__version__}")
+    return vllm_cuda
+
+
+class _FakeModelConfig:
+    def __init__(self, hq, hkv, dim, layers, max_len, dtype):
+        from types import SimpleNamespace
+
+        self.hq, self.hkv, self.dim = hq, hkv, dim
+        self.hf_text_config = SimpleNamespace(model_type="llama", num_hidden_layers=layers, hidden_size=hq * dim)
+        self.hf_config = self.hf_text_config
+        self.max_model_len, self.dtype = max_len, dtype
+        self.rswa_window = None
+        self.is_mm_prefix_lm = False
+
+    def get_num_attention_heads(self, parallel_config=None):
+        return self.hq
+
+    def get_num_kv_heads(self, parallel_config=None):
+        return self.hkv
+
+    def get_head_size(self):
+        return self.dim
+
+
+def _fake_vllm_config(section, hq, hkv, dim, layers, max_len, max_seqs=8):
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    return SimpleNamespace(
+        additional_config={"lessismore": section},
+        attention_config=SimpleNamespace(backend=None, flash_attn_max_num_splits_for_cuda_graph=32,
+                                         backend_per_kind={}),
+        model_config=_FakeModelConfig(hq, hkv, dim, layers, max_len, torch.float32),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, decode_context_parallel_size=1,
+                                        prefill_context_parallel_size=1, cp_kv_cache_interleave_size=1,
+                                        dcp_comm_backend="ag_rs", data_parallel_size=1),
+        cache_config=SimpleNamespace(cache_dtype="auto", block_size=16, enable_prefix_caching=False),
+        compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.NONE, max_cudagraph_capture_size=0,
+                                           cudagraph_capture_sizes=[], static_forward_context={}),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_seqs, max_num_batched_tokens=256),
+        speculative_config=None,
+        kernel_config=SimpleNamespace(enable_jit_warmup=False),
+    )
+
+
+def _reference_attention(calls):
+    """Stands in for FlashAttention's / vLLM's Triton kernel: causal attention of every query token
+    over its row's paged cache, in PyTorch. ``calls`` counts the calls."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        calls.append(layer.layer_name)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        starts = attn_metadata.query_start_loc.cpu()
+        seq_lens = attn_metadata.seq_lens.cpu()
+        table = attn_metadata.block_table.long()
+        block_size = key_cache.shape[1]
+        group = self.num_heads // self.num_kv_heads
+        for row in range(seq_lens.shape[0]):
+            lo, hi, n = int(starts[row]), int(starts[row + 1]), int(seq_lens[row])
+            if hi == lo:
+                continue
+            pos = torch.arange(n)
+            k = key_cache[table[row, pos // block_size], pos % block_size].float()  # [n, Hkv, D]
+            v = value_cache[table[row, pos // block_size], pos % block_size].float()
+            for i, token in enumerate(range(lo, hi)):
+                p = n - (hi - lo) + i
+                qt = query[token].float().view(self.num_kv_heads, group, -1)
+                s = torch.einsum("hgd,nhd->hgn", qt, k[: p + 1]) * self.scale
+                o = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v[: p + 1])
+                output.view(output.shape[0], self.num_heads, -1)[token] = o.reshape(self.num_heads, -1).to(output.dtype)
+        return output
+
+    return forward
+
+
+def _adapter_case(vc, base, section, rows, monkeypatch, layers=5, padded_rows=0, capture=False):
+    """One step of ``layers`` layers through the adapter. rows: [(seq_len, query_len, prefilling)].
+    Returns (outputs [layers] of [tokens, Hq, D], the expected decode-row outputs and sets from the
+    executor on contiguous caches, the decode-token indices, base-kernel calls, the step's rows)."""
+    from types import SimpleNamespace
+
+    from lessismore.decode import DecodeCache, DecodeExecutor
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    hq, hkv, dim, block_size, max_len = 4, 2, 32, 16, 160
+    backend = getattr(vc, {"FLASH_ATTN": "LessIsMoreFlashAttnBackend", "TRITON_ATTN": "LessIsMoreTritonAttnBackend"}[base])
+    impl_base = backend.get_impl_cls().__mro__[2]
+    calls = []
+    monkeypatch.setattr(impl_base, "forward", _reference_attention(calls))
+    monkeypatch.setattr(vc, "_require_cuda", lambda name: None)
+    config = _fake_vllm_config(section, hq, hkv, dim, layers, max_len)
+    import vllm.config
+
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: config)
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=hkv, head_size=dim, dtype=torch.float32)
+    builder = backend.get_builder_cls()(spec, [f"model.layers.{i}.self_attn.attn" for i in range(layers)], config,
+                                        torch.device("cpu"))
+    impls = [backend.get_impl_cls()(hq, dim, dim**-0.5, hkv, None, None, "auto") for _ in range(layers)]  # one a layer
+
+    g = torch.Generator().manual_seed(3)
+    n_rows = len(rows) + padded_rows
+    per_row = -(-max_len // block_size)
+    num_blocks = n_rows * per_row + 4
+    table = torch.randperm(num_blocks, generator=g)[: n_rows * per_row].view(n_rows, per_row).int()
+    table[len(rows):] = 0  # CUDA-graph padding rows read the null block
+    qlens = [r[1] for r in rows] + [0] * padded_rows
+    starts = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    seq_lens = torch.tensor([r[0] for r in rows] + [0] * padded_rows, dtype=torch.int32)
+    num_tokens = int(starts[-1]) + padded_rows
+    common = CommonAttentionMetadata(
+        query_start_loc=starts.clone(), query_start_loc_cpu=starts, seq_lens=seq_lens.clone(), num_reqs=n_rows,
+        num_actual_tokens=num_tokens, max_query_len=max(qlens), max_seq_len=max_len, block_table_tensor=table,
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.long), causal=True,
+        is_prefilling=torch.tensor([r[2] for r in rows]),  # real rows only, as vLLM 0.26's model runner V2 gives it
+        seq_lens_cpu_upper_bound=seq_lens.clone(),
+    )
+    metadata = builder.build_for_cudagraph_capture(common) if capture else builder.build(0, common)
+    step = metadata.lessismore
+    decode_rows = [i for i, r in enumerate(rows) if r[1] == 1 and (capture or not r[2])]
+    decode_tokens = [int(starts[i]) for i in decode_rows]
+
+    reference = DecodeExecutor(builder.sparse_cfg, layers, fused=False)
+    seen = {}
+    reference.observers.append(lambda i, role, q_, k, v, valid, sel, out: seen.setdefault(i, sel))
+    reference.begin_step()
+    got, expected = [], []
+    for layer in range(layers):
+        torch.manual_seed(100 + layer)
+        kv_cache = torch.randn(num_blocks, block_size, hkv, 2 * dim).permute(0, 2, 1, 3)  # NHD physical
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(dim, dim=-1)
+        k = torch.randint(-3, 4, (n_rows, hkv, max_len, dim)).float()
+        v = torch.randn(n_rows, hkv, max_len, dim)
+        for row in range(len(rows)):
+            pos = torch.arange(int(seq_lens[row]))
+            key_cache[table[row, pos // block_size].long(), pos % block_size] = k[row, :, pos].transpose(0, 1)
+            value_cache[table[row, pos // block_size].long(), pos % block_size] = v[row, :, pos].transpose(0, 1)
+        query = torch.randint(-3, 4, (num_tokens, hq, dim)).float()
+        output = torch.full((num_tokens, hq, dim), float("nan"))
+        layer_obj = SimpleNamespace(layer_name=f"model.layers.{layer}.self_attn.attn")
+        impls[layer].forward(layer_obj, query, None, None, kv_cache, metadata, output)
+        got.append(output)
+        if decode_rows:
+            q = query[decode_tokens]
+            sub = torch.tensor(decode_rows)
+            ref_cache = DecodeCache(k[sub], v[sub], lengths=seq_lens[sub], kernels=False)
+            expected.append(reference.layer(layer, q, ref_cache, dim**-0.5))
+    return got, expected, seen, decode_tokens, calls, step, builder
+
+
+ADAPTER_CASES = {
+    "lessismore": {"method": "lessismore", "budget": 24, "recent_ratio": 0.5, "sink_tokens": 2, "selection_layers": [2]},
+    "lessismore_large": {"method": "lessismore", "budget": 1024, "selection_layers": [2]},
+    "tidaldecode": {"method": "tidaldecode", "budget": 16, "selection_layers": [2]},
+    "streaming": {"method": "streaming", "budget": 16, "sink_tokens": 4},
+    "full": {"method": "full"},
+}
+ADAPTER_BATCHES = {
+    # (seq_len, query_len, prefilling) per row
+    "uniform": [(130, 1, False), (61, 1, False), (19, 1, False)],
+    "mixed": [(130, 1, False), (40, 5, True), (61, 1, False), (20, 1, True)],
+}
+
+
+@pytest.mark.parametrize("base", ["FLASH_ATTN", "TRITON_ATTN"])
+@pytest.mark.parametrize("batch", list(ADAPTER_BATCHES))
+@pytest.mark.parametrize("case", list(ADAPTER_CASES))
+def test_vllm_cuda_adapter_decode_rows_follow_the_executor(base, batch, case, monkeypatch):
+    vc = _vllm_cuda(union_kernel=case.startswith("lessismore"))
+    if base == "FLASH_ATTN" and not hasattr(vc, "LessIsMoreFlashAttnBackend"):
+        pytest.skip("this vLLM has no FlashAttention backend")
+    rows = ADAPTER_BATCHES[batch]
+    got, expected, seen, decode_tokens, calls, step, builder = _adapter_case(vc, base, ADAPTER_CASES[case], rows,
+                                                                             monkeypatch)
+    assert step.uniform == (batch == "uniform") and step.count == len(decode_tokens)
+    cfg = builder.sparse_cfg
+    for layer, (out, ref) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(out[decode_tokens], ref, rtol=1e-4, atol=1e-4, msg=f"layer {layer}")
+    for out in got:  # prefill tokens: vLLM's kernel (here its stand-in), untouched
+        assert torch.isfinite(out).all()
+    roles = builder.executor.roles
+    assert builder.executor.selection is not None or all(r.value == "full" for r in roles)
+    if batch == "uniform":
+        # Decode rows only: vLLM's kernel runs in the full layers alone.
+        full = [i for i, role in enumerate(roles) if role.value == "full"]
+        assert sorted(int(name.split(".")[2]) for name in calls) == full
+    else:
+        assert len(calls) == len(got)
+    stats = builder.executor.stats()
+    assert stats["sequence_steps"] == len(decode_tokens)
+    if cfg.method == "lessismore" and cfg.budget == 24:
+        assert stats["kv_read_fraction"] < 1.0
+
+
+def test_vllm_cuda_adapter_sets_equal_reference(monkeypatch):
+    """The fused selection over the paged kernels picks exactly the reference sets (exact integer data)."""
+    vc = _vllm_cuda(union_kernel=True)
+    chosen = {}
+    from lessismore.decode import DecodeExecutor
+
+    original = DecodeExecutor.layer
+
+    def spy(self, index, q, cache, scale=None, dense=None):
+        out = original(self, index, q, cache, scale, dense)
+        if isinstance(cache, vc.PagedCache) and self.selection is not None:
+            chosen.setdefault(index, self.selection)
+        return out
+
+    monkeypatch.setattr(DecodeExecutor, "layer", spy)
+    for case in ("lessismore", "tidaldecode"):
+        chosen.clear()
+        got, expected, seen, decode_tokens, calls, step, builder = _adapter_case(
+            vc, "TRITON_ATTN", ADAPTER_CASES[case], ADAPTER_BATCHES["mixed"], monkeypatch)
+        sel, ref = chosen[2], seen[2]
+        assert torch.equal(sel.counts, ref.counts)
+        live = torch.arange(ref.indices.shape[-1]) < ref.counts.unsqueeze(-1)
+        assert torch.equal(torch.where(live, sel.indices, -1), torch.where(live, ref.indices, -1))
+
+
+def test_vllm_cuda_adapter_padded_graph_batch(monkeypatch):
+    """A uniform batch padded as vLLM pads a full-CUDA-graph replay (extra rows of length 0 whose block
+    table reads block 0): the real rows are exact, the padding rows harmless."""
+    vc = _vllm_cuda(union_kernel=True)
+    rows = ADAPTER_BATCHES["uniform"]
+    got, expected, _, decode_tokens, calls, step, builder = _adapter_case(
+        vc, "TRITON_ATTN", ADAPTER_CASES["lessismore"], rows, monkeypatch, padded_rows=2)
+    assert step.uniform and step.count == len(rows) + 2 and step.tokens is None
+    for out, ref in zip(got, expected):
+        torch.testing.assert_close(out[decode_tokens], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_vllm_cuda_adapter_capture_batch_is_uniform(monkeypatch):
+    """The capture batch takes the uniform path (the one replays run) whatever stale prefill flags say;
+    its rows are vLLM's persistent buffers, not copies."""
+    vc = _vllm_cuda()
+    rows = [(130, 1, True), (61, 1, False), (19, 1, False)]
+    _, _, _, _, _, step, _ = _adapter_case(vc, "TRITON_ATTN", ADAPTER_CASES["tidaldecode"], rows, monkeypatch,
+                                           capture=True, layers=3)
+    assert step.uniform and step.count == 3
+    _, _, _, _, _, step, _ = _adapter_case(vc, "TRITON_ATTN", ADAPTER_CASES["tidaldecode"], rows, monkeypatch, layers=3)
+    assert not step.uniform and step.count == 2  # a real step: the one-token prompt chunk is prefill
+
+
+def test_vllm_cuda_adapter_builder_reports_uniform_decode_graphs(monkeypatch):
+    vc = _vllm_cuda()
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    config = _fake_vllm_config(ADAPTER_CASES["lessismore"], 4, 2, 32, 5, 160)
+    for backend in (vc.LessIsMoreTritonAttnBackend, getattr(vc, "LessIsMoreFlashAttnBackend", None)):
+        if backend is None:
+            continue
+        builder = backend.get_builder_cls()
+        support = builder.get_cudagraph_support(config, None)
+        assert support in (AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE, AttentionCGSupport.NEVER)
+        assert support.value <= AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE.value
+        config.parallel_config.tensor_parallel_size = 2
+        assert builder.get_cudagraph_support(config, None) == AttentionCGSupport.NEVER  # cross-rank union: eager
+        config.parallel_config.tensor_parallel_size = 1
+        plain = _fake_vllm_config(None, 4, 2, 32, 5, 160)
+        plain.additional_config = {}
+        assert builder.get_cudagraph_support(plain, None) == backend.__mro__[1].get_builder_cls().get_cudagraph_support(plain, None)
+        assert backend.get_name() in ("LESSISMORE", "CUSTOM")
+
+
+def test_vllm_cuda_adapter_refuses_unsupported_layers(monkeypatch):
+    vc = _vllm_cuda()
+    monkeypatch.setattr(vc, "_require_cuda", lambda name: None)
+    config = _fake_vllm_config(ADAPTER_CASES["lessismore"], 4, 2, 32, 5, 160)
+    import vllm.config
+
+    monkeypatch.setattr(vllm.config, "get_current_vllm_config", lambda: config)
+    impl = vc.LessIsMoreTritonAttnBackend.get_impl_cls()
+    with pytest.raises(ValueError, match="^sliding_window:"):
+        impl(4, 32, 32**-0.5, 2, None, 64, "auto")
+    with pytest.raises(ValueError, match="^head_size:"):
+        impl(4, 48, 48**-0.5, 2, None, None, "auto")
+    config.additional_config = {"lessismore": {"budget": 0}}
+    with pytest.raises(ValueError, match="budget"):
+        impl(4, 32, 32**-0.5, 2, None, None, "auto")
+
+
+def test_vllm_registration_paths(monkeypatch):
+    """One module registers on both versions: by name where vLLM can (0.32), the CUSTOM slot on CUDA."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert plugin.cuda_backend_path() == "lessismore.integrations.vllm_cuda.LessIsMoreFlashAttnBackend"
+    monkeypatch.setenv(plugin.DENSE_ENV, "triton_attn")
+    assert plugin.cuda_backend_path() == "lessismore.integrations.vllm_cuda.LessIsMoreTritonAttnBackend"
+    monkeypatch.setenv(plugin.DENSE_ENV, "nope")
+    with pytest.raises(ValueError, match=plugin.DENSE_ENV):
+        plugin.cuda_backend_path()
+    monkeypatch.delenv(plugin.DENSE_ENV)
+    from vllm.v1.attention.backends import registry
+
+    monkeypatch.setattr(plugin, "_on_cpu", lambda: False)
+    monkeypatch.setattr(registry, "_ATTN_OVERRIDES", dict(registry._ATTN_OVERRIDES))
+    plugin.register()
+    assert AttentionBackendEnum.CUSTOM.get_path() == "lessismore.integrations.vllm_cuda.LessIsMoreFlashAttnBackend"
+    from types import SimpleNamespace
+
+    chosen = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM))
+    assert plugin.backend_selected(chosen)
+    assert not plugin.backend_selected(SimpleNamespace(attention_config=SimpleNamespace(backend=None)))
 
 
 if __name__ == "__main__":

