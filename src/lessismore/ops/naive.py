@@ -67,12 +67,25 @@ def dense_decode_attention(q, k_cache, v_cache, lengths, scale=None):
 
 
 def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None):
-    """Each row's k largest entries of scores [..., L] (fp32), descending, equal scores lower position
-    first: (values fp32, indices int64), each [..., k]. ``lengths`` [B] (scores [B, ..., L]): only
-    positions < lengths[b] are candidates, the others rank as -inf. Where fewer than k entries are
-    finite, the rest are -inf entries, lowest positions first (they tie)."""
+    """The k largest entries of each row of ``scores`` [..., L] (fp32; other dtypes are upcast), in
+    descending order: (values fp32 [..., k], indices int64 [..., k]); k > L gives all L.
+
+    Ties go to the lower position: the result is ``sort(descending=True, stable=True)`` cut at k, with
+    -0.0 and +0.0 equal (they tie). ``lengths`` (B ints, scores [B, ..., L]): in scores[b], only
+    positions < lengths[b] are candidates; the rest count as -inf. When a row has fewer than k finite
+    entries the tail is -inf entries, lowest positions first (the tie rule): the row's own -inf
+    entries, then positions lengths[b], lengths[b] + 1, ... with value -inf. NaN is not supported.
+    Values are the row's own bits (-0.0 stays -0.0).
+    """
+    if k < 0:
+        raise ValueError(f"k={k} < 0")
+    masked = scores.float()
     if lengths is not None:
-        live = torch.arange(scores.shape[-1], device=scores.device) < lengths.view(-1, *([1] * (scores.dim() - 1)))
-        scores = scores.masked_fill(~live, float("-inf"))
-    values, indices = torch.sort(scores.float(), dim=-1, descending=True, stable=True)
-    return values[..., :k], indices[..., :k]
+        if scores.dim() < 2 or lengths.numel() != scores.shape[0]:
+            raise ValueError("lengths: one entry per scores.shape[0] row, for scores of 2+ dimensions")
+        pos = torch.arange(scores.shape[-1], device=scores.device)
+        live = pos < lengths.to(scores.device).view(-1, *([1] * (scores.dim() - 1)))
+        masked = masked.masked_fill(~live, float("-inf"))
+    # + 0.0 turns -0.0 into +0.0, so the two zeros tie on every device's sort.
+    indices = torch.sort(masked + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]
+    return masked.gather(-1, indices), indices
