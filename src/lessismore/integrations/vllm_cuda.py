@@ -96,10 +96,10 @@ def _has_fused_selection(executor: DecodeExecutor) -> bool:
 
 
 def _needs_collectives(cfg) -> bool:
+    """The method talks to the other ranks when it selects (it has its own ``select_sharded``)."""
     from lessismore import methods
 
-    method = methods.get(cfg.method)
-    return cfg.method != "full" and not (method.per_head or method.query_independent)
+    return type(methods.get(cfg.method)).select_sharded is not Method.select_sharded
 
 
 class _DecodeBuilderMixin:
