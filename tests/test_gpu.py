@@ -173,3 +173,27 @@ def test_kv_read_fraction_from_the_engine(checkpoint):
     expected = sum(2 * n + 4 * 16 for n in range(101, 111)) / sum(6 * n for n in range(101, 111))
     assert stats["sequence_steps"] == 10
     assert stats["kv_read_fraction"] == pytest.approx(expected)
+
+
+def test_quest_fast_selection_equals_reference_on_engine_data(checkpoint):
+    """Quest in the engine selects from its incremental page bounds (bf16, the cache's dtype; the
+    reference reads the keys): bounds are exact min/max and the page scores the same fp32 arithmetic,
+    so every SELECT_SPARSE layer's set equals the reference ``select`` exactly, slots refilled too."""
+    cfg = cfg_of("quest", 24)
+    engine = lim.Engine(str(checkpoint), cfg=cfg, device="cuda", max_batch=2, max_len=160)
+    seen = []
+
+    def record(layer, role, q, k, v, valid, selection, out):
+        if role is LayerRole.SELECT_SPARSE:
+            seen.append((q.clone(), k.clone(), valid.clone(), selection))
+
+    engine.executor.observers.append(record)
+    engine.generate(prompts(), max_new_tokens=[12, 5, 9, 7], ignore_eos=True)
+    assert engine.method_state is not None and len(seen) >= 4 * engine.stats.decode_steps
+    reference = get("quest")
+    for q, k, valid, selection in seen:
+        expected = reference.select(engine.cfg, q, k, valid)
+        assert selection.indices.shape == expected.indices.shape
+        assert torch.equal(selection.counts, expected.counts)
+        live = torch.arange(expected.indices.shape[-1], device="cuda") < expected.counts.unsqueeze(-1)
+        assert torch.equal(torch.where(live, selection.indices, -1), torch.where(live, expected.indices, -1))

@@ -8,7 +8,8 @@ a step means across layers:
 - the role of each layer (``Method.layer_roles``): FULL, SELECT_DENSE, SELECT_SPARSE or SPARSE;
 - the set a selection layer chooses, carried to the layers after it and dropped at the next step;
 - the choice of path: a method's fused GPU selection (``Method.fused_select``) where the cache can
-  give scores, else dense attention and the method's reference ``select``;
+  give scores, a method's fast selection from its per-layer state (``Method.fast_select``) where the
+  cache carries one (``DecodeCache.state``, kept by the engine), else the method's reference ``select``;
 - KV-read counting (device tensors, so a captured CUDA graph keeps counting) and observers.
 
 Everything stays on the device: no host synchronization, fixed shapes, capturable in a CUDA graph.
@@ -36,13 +37,21 @@ class DecodeCache:
     (any pattern, e.g. left padding), or, when ``lengths`` [B] is given, slots 0..lengths[b]-1 (the
     layout the Triton kernels read). Integrations with another layout (a paged cache) subclass it
     and override the readers.
+
+    ``state``: the method's per-layer decode state (``Method.decode_state``) for these rows, its first
+    B rows being rows 0..B-1 of the cache; None where the integration keeps none (HF, vLLM).
     """
 
+    state = None
+
     def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None = None,
-                 valid: torch.Tensor | None = None, kernels: bool | None = None):
+                 valid: torch.Tensor | None = None, kernels: bool | None = None, state=None):
         if (lengths is None) == (valid is None):
             raise ValueError("DecodeCache: give exactly one of lengths and valid")
+        if state is not None and lengths is None:
+            raise ValueError("DecodeCache: a method state needs the lengths layout")
         self.k, self.v, self.lengths, self._valid = k, v, lengths, valid
+        self.state = state
         # Whether the Triton kernels read this cache (None: wherever Triton runs; the CPU tests force
         # them under the interpreter).
         self.kernels = ops.triton_usable(k) if kernels is None else kernels
@@ -96,7 +105,8 @@ class DecodeExecutor:
 
     Call ``begin_step`` once per decode step (before layer 0), then ``layer`` for every layer in
     order. ``fused=False`` keeps the selection layers on the reference path (dense attention, then
-    ``Method.select``); otherwise a method's fused path runs wherever the cache offers it.
+    ``Method.select``; a method state is still kept up to date); otherwise a method's fused path runs
+    wherever the cache offers it, and its fast path wherever the cache carries a state.
     """
 
     def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool | None = None):
@@ -163,6 +173,15 @@ class DecodeExecutor:
             return self.selection
         return self.method.select_sharded(self.cfg, q, cache.keys(), cache.valid(), self.shard_group)
 
+    def _select_sparse(self, q, cache: DecodeCache) -> Selection:
+        """A SELECT_SPARSE layer's set: from the method's state where the cache carries one."""
+        reuse = self.method.query_independent and self.selection is not None
+        if cache.state is not None and self.fused is not False and self.shard_group is None and not reuse:
+            fast = self.method.fast_select(self.cfg, q, cache)
+            if fast is not None:
+                return fast
+        return self._select(q, cache)
+
     def layer(self, index: int, q: torch.Tensor, cache: DecodeCache, scale: float | None = None,
               dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Attention of layer ``index`` for this step: q [B, Hq, D] -> [B, Hq, D]. ``dense``: the
@@ -173,6 +192,8 @@ class DecodeExecutor:
         if index == 0:
             self._count("sequence_steps", torch.ones(q.shape[0], device=q.device))
         n = cache.token_counts()
+        if cache.state is not None:
+            self.method.update_state(self.cfg, cache)
         selection = None
         if role in (LayerRole.FULL, LayerRole.SELECT_DENSE):
             fused = None
@@ -189,7 +210,7 @@ class DecodeExecutor:
             self._count("read", n)
         else:
             if role is LayerRole.SELECT_SPARSE:
-                self.selection = self._select(q, cache)
+                self.selection = self._select_sparse(q, cache)
             selection = self.selection
             if selection is None:
                 raise RuntimeError(f"layer {index}: a sparse layer ran before any selection in this step")

@@ -8,6 +8,10 @@ is captured once per (bucket, sampling) and replayed (``graphs.GraphRunner``). T
 buffers every few steps: it collects finished sequences, refills their slots from the queue (prefill
 into the slot) and streams new tokens to a callback.
 
+A method may keep a per-layer decode state next to the cache (``Method.decode_state``; Quest's page
+bounds): allocated with the method for every non-full layer, rebuilt for a slot at its prefill
+(``Method.fill_state``), extended by the decode steps (``Method.update_state``, inside the graphs).
+
 Loading is ``loading.py``, the decoder stack ``model.py``, sampling ``sampling.py``.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lessismore.engine.graphs import GraphRunner
 from lessismore.engine.loading import load
 from lessismore.engine.model import Model, ModelConfig, Weights
 from lessismore.engine.sampling import sample
+from lessismore.methods import LayerRole
 
 MAX_STOP_IDS = 8
 
@@ -129,9 +134,10 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk)
         self.sync_every = max(1, int(sync_every))
         self._graphs = GraphRunner(device, self._step, self._warmup, self._release) if self.use_graphs else None
-        self.set_method(cfg)
+        self.method_state: list | None = None
         self._alloc_cache()
         self._alloc_state()
+        self.set_method(cfg)
         self.stats = EngineStats()
 
     def _check_memory(self, mcfg: ModelConfig) -> None:
@@ -158,6 +164,36 @@ class Engine:
         self.cfg = cfg.resolve(mcfg.model_type, mcfg.num_layers, mcfg.hidden_size)
         self.executor = DecodeExecutor(self.cfg, mcfg.num_layers)
         self.executor.reset_stats(self.device)
+        self._alloc_method_state()
+
+    def _alloc_method_state(self):
+        """The method's decode state of every non-full layer (None elsewhere, and for methods without
+        one), built from what the cache rows hold now."""
+        self.method_state = None  # the old method's buffers go first
+        c, method = self.model_config, self.executor.method
+        states = [
+            None if role is LayerRole.FULL else
+            method.decode_state(self.cfg, self.max_batch, c.num_kv_heads, self.max_len, c.head_dim, self.device, self.dtype)
+            for role in self.executor.roles
+        ]
+        if all(s is None for s in states):
+            return
+        self.method_state = states
+        self.rebuild_method_state()
+
+    def rebuild_method_state(self, slots: Sequence[int] | None = None) -> None:
+        """Rebuild the method state of cache rows ``slots`` (default: all) from their first
+        ``lengths[slot]`` cached tokens. ``prefill`` does it for its slot; call it after writing the
+        cache or ``lengths`` any other way (e.g. a benchmark filling the cache with random K/V)."""
+        if self.method_state is None:
+            return
+        slots = range(self.max_batch) if slots is None else slots
+        lengths = self.lengths.tolist()
+        method = self.executor.method
+        for slot in slots:
+            for state, k in zip(self.method_state, self.k_cache):
+                if state is not None:
+                    method.fill_state(self.cfg, state, k, int(slot), int(lengths[slot]))
 
     # ---- buffers ------------------------------------------------------------------------------------
 
@@ -192,7 +228,7 @@ class Engine:
     def _step(self, b: int, do_sample: bool):
         active = self.active[:b]
         logits = self.model.decode(self.tokens[:b], self.slots[:b], self.lengths[:b], self.k_cache, self.v_cache,
-                                   self.executor, rows=active)
+                                   self.executor, rows=active, states=self.method_state)
         count = self.count[:b]
         nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.seed[:b], count, do_sample)
         out = self.out[:b]
@@ -245,7 +281,8 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
-        """Write the prompt's K/V into cache row ``slot`` (chunked); returns its last logits [V]."""
+        """Write the prompt's K/V into cache row ``slot`` (chunked) and rebuild the slot's method state;
+        returns its last logits [V]."""
         ids = torch.as_tensor(list(prompt), dtype=torch.int64, device=self.device)
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
@@ -253,6 +290,11 @@ class Engine:
             last = start + len(chunk) >= len(ids)
             logits = self.model.prefill(chunk, slot, start, self.k_cache, self.v_cache, logits=last)
         self.lengths[slot] = len(ids)
+        if self.method_state is not None:
+            method = self.executor.method
+            for state, k in zip(self.method_state, self.k_cache):
+                if state is not None:
+                    method.fill_state(self.cfg, state, k, slot, len(ids))
         return logits
 
     def _admit(self, slot: int, prompt: list[int], max_new: int, temperature: float, top_p: float, top_k: int, seed: int, stop_on_eos: bool):

@@ -320,10 +320,12 @@ class Model:
             return None
         return torch.nn.functional.linear(h[-1:], self.w.lm_head).float()[0]
 
-    def decode(self, tokens, slots, positions, k_caches, v_caches, executor: DecodeExecutor, rows=None) -> torch.Tensor:
+    def decode(self, tokens, slots, positions, k_caches, v_caches, executor: DecodeExecutor, rows=None,
+               states=None) -> torch.Tensor:
         """One token per row: tokens [b] at positions [b] (= the rows' lengths before this step) of
         cache rows slots [b] = 0..b-1. Writes their K/V, runs each layer's attention through
-        ``executor`` (``rows`` [b] bool: the rows its counters count) and returns logits [b, V] fp32."""
+        ``executor`` (``rows`` [b] bool: the rows its counters count; ``states``: each layer's method
+        state or None, ``DecodeCache.state``) and returns logits [b, V] fp32."""
         c = self.cfg
         b = tokens.shape[0]
         lengths = positions + 1
@@ -332,6 +334,7 @@ class Model:
         h = add_rmsnorm(None, residual, self.w.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.w.layers):
             q = self._qkv(layer, h, slots, positions, k_caches[i], v_caches[i])
-            out = executor.layer(i, q, DecodeCache(k_caches[i][:b], v_caches[i][:b], lengths=lengths))
+            state = None if states is None else states[i]
+            out = executor.layer(i, q, DecodeCache(k_caches[i][:b], v_caches[i][:b], lengths=lengths, state=state))
             h = self._mlp_and_next_norm(i, out.reshape(b, c.num_heads * c.head_dim), residual)
         return linear(h, self.w.lm_head).float()

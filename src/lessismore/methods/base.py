@@ -99,6 +99,32 @@ class Method:
         ``select``), or None where the method or the cache (a ``decode.DecodeCache``) has none."""
         return None
 
+    # ---- per-layer decode state (the engine keeps one per non-full layer; HF and vLLM keep none) ----
+
+    def decode_state(self, cfg: SparseConfig, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                     device, dtype):
+        """The state a cache of ``batch`` rows of ``max_len`` slots keeps for this method at one layer
+        (e.g. Quest's page bounds), handed to the executor as ``DecodeCache.state``; None: no state.
+        A fresh state describes empty rows."""
+        return None
+
+    def fill_state(self, cfg: SparseConfig, state, k: torch.Tensor, row: int, length: int) -> None:
+        """(Re)build row ``row`` of ``state`` from its cache: k [batch, Hkv, max_len, D] is the layer's
+        whole key cache, the row's tokens at slots 0..length-1 (the engine calls it after a prefill).
+        Whatever the row held before is forgotten."""
+
+    def update_state(self, cfg: SparseConfig, cache) -> None:
+        """Bring ``cache.state`` up to date with ``cache`` (a ``decode.DecodeCache`` in the lengths
+        layout, this step's token written at slot n-1) at a non-full layer, whichever path selects.
+        Fixed shapes, no host sync: it runs inside captured CUDA graphs, for inactive rows too (their
+        n does not move, so an update must be idempotent)."""
+
+    def fast_select(self, cfg: SparseConfig, q: torch.Tensor, cache) -> Selection | None:
+        """A SELECT_SPARSE layer's selection from ``cache.state`` (after ``update_state``), equal to
+        ``select`` on the live entries; None where the method has none (the executor then runs
+        ``select``)."""
+        return None
+
 
 _REGISTRY: dict[str, Method] = {}
 
