@@ -1,4 +1,4 @@
-"""Time the decode kernels on a GPU (issue 5) and write the results as JSON.
+"""Time the decode kernels on a GPU and write the results as JSON.
 
     PYTHONPATH=src python3 benchmarks/kernels.py --out benchmarks/results/kernels-h200.json
 
