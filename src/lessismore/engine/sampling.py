@@ -402,46 +402,18 @@ if HAVE_TRITON:
             tl.store(OUT + b, ((final & 0xFFFFFFFF).to(tl.uint32) ^ 0xFFFFFFFF).to(tl.int64))
 
 
-_INTERPRETED = None
-
-
 def _interpreted() -> bool:
-    """Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1 when they were defined)."""
-    global _INTERPRETED
-    if _INTERPRETED is None:
-        _INTERPRETED = not isinstance(_draw_kernel, triton.runtime.JITFunction)
-        if _INTERPRETED:
-            _fix_interpreter_index()
-    return _INTERPRETED
+    """Whether the kernels run under Triton's interpreter (TRITON_INTERPRET=1 when they were defined;
+    ``ops.triton_decode`` patches the interpreter on import)."""
+    from lessismore.ops import triton_decode
 
-
-def _fix_interpreter_index():
-    """Triton <= 3.6's interpreter turns a scalar (a numpy array of shape (1,)) into a loop bound with
-    int(array), an error since numpy 2.4 (triton-lang/triton#9171, fixed by #9172): patch that one
-    conversion (as lessismore.ops.triton_decode does; the same marker, so it is patched once)."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "fixed_index", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.fixed_index = True
-    interpreter._patch_lang_tensor = patched
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return triton_decode.INTERPRETED
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: few programs keep the CPU tests fast
+    from lessismore.ops import triton_decode
+
+    return triton_decode.num_sms(device)
 
 
 def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_block=None, programs=None,

@@ -353,7 +353,28 @@ class SelectionRecorder:
             f.write(json.dumps(line) + "\n")
 
 
-class LessIsMoreImpl(CPUAttentionBackendImpl):
+def reject_unsupported(features: dict[str, bool]) -> None:
+    """A layer feature LessIsMore cannot serve exactly stops the engine at start, naming it."""
+    bad = [name for name, present in features.items() if present]
+    if bad:
+        raise ValueError(f"{bad[0]}: not supported by {BACKEND_NAME} (model layers need plain causal attention "
+                         "with an unquantized cache)")
+
+
+class LayerIndexMixin:
+    """The model layer an attention impl serves, read once from the layer's name."""
+
+    _layer_index: int | None = None
+
+    def _index(self, layer) -> int:
+        if self._layer_index is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._layer_index = extract_layer_index(layer.layer_name)
+        return self._layer_index
+
+
+class LessIsMoreImpl(LayerIndexMixin, CPUAttentionBackendImpl):
     """vLLM's CPU attention for prefill rows and dense layers; the decode rows go through the
     executor (``lessismore.decode``) in their layer's role."""
 
@@ -382,17 +403,7 @@ class LessIsMoreImpl(CPUAttentionBackendImpl):
             "attention sinks": sinks is not None,
             "kv_cache_dtype": kv_cache_dtype != "auto",
         }
-        bad = [name for name, present in unsupported.items() if present]
-        if bad:
-            raise ValueError(f"{bad[0]}: not supported by {BACKEND_NAME} (model layers need plain causal attention with an unquantized cache)")
-        self._layer_index: int | None = None
-
-    def _index(self, layer) -> int:
-        if self._layer_index is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer_index = extract_layer_index(layer.layer_name)
-        return self._layer_index
+        reject_unsupported(unsupported)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):

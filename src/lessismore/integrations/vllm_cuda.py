@@ -230,7 +230,7 @@ def _require_cuda(name: str) -> None:
                                   f"{current_platform.device_name!r}")
 
 
-class _DecodeImplMixin:
+class _DecodeImplMixin(plugin.LayerIndexMixin):
     """Attention impl: vLLM's kernel for what it does; the decode rows through the executor."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
@@ -241,7 +241,6 @@ class _DecodeImplMixin:
 
         cfg = plugin.settings_for(get_current_vllm_config())
         self.sparse_cfg = cfg if attn_type == "decoder" else None  # AttentionType.DECODER (a str enum)
-        self._layer_index: int | None = None
         if self.sparse_cfg is None:
             return
         _require_cuda(type(self).__name__)
@@ -253,19 +252,9 @@ class _DecodeImplMixin:
             "kv_cache_dtype": kv_cache_dtype != "auto",
             "use_alibi_sqrt": bool(extra.get("use_alibi_sqrt")),
         }
-        bad = [name for name, present in unsupported.items() if present]
-        if bad:
-            raise ValueError(f"{bad[0]}: not supported by {plugin.BACKEND_NAME} (model layers need plain causal "
-                             "attention with an unquantized cache)")
+        plugin.reject_unsupported(unsupported)
         if head_size < 16 or head_size & (head_size - 1):
             raise ValueError(f"head_size: {plugin.BACKEND_NAME}'s kernels need a power of two >= 16, got {head_size}")
-
-    def _index(self, layer) -> int:
-        if self._layer_index is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._layer_index = extract_layer_index(layer.layer_name)
-        return self._layer_index
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
