@@ -282,3 +282,17 @@ def test_generate_json_has_the_config(tmp_path, capsys):
     assert {k: result[k] for k in ("method", "budget", "page_size", "full_layers", "recent_ratio")} == {
         "method": "quest", "budget": 64, "page_size": 64, "full_layers": [], "recent_ratio": None}
     assert result["generated_tokens"] == 2
+
+
+def test_fast_engine_reports_the_kv_read_fraction_of_the_hf_path(tmp_path):
+    """generate --engine fast --json reports the executor's KV-read fraction, the same number the HF
+    path reports for the same greedy tokens."""
+    fractions = {}
+    for engine in ("hf", "fast"):
+        target = tmp_path / f"{engine}.json"
+        argv = ["generate", "--prompt", "Count from one to fifty:", "--method", "lessismore", "--budget", "16",
+                "--sink-tokens", "2", "--max-new-tokens", "12", "--quiet", "--engine", engine, "--json", str(target)]
+        assert main(argv) == 0
+        fractions[engine] = json.loads(target.read_text())["kv_read_fraction"]
+    assert fractions["fast"] is not None and fractions["fast"] < 1.0
+    assert fractions["fast"] == pytest.approx(fractions["hf"])

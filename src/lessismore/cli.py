@@ -335,7 +335,10 @@ class _Runner:
         if self.args.engine == "fast":
             self.engine.set_method(cfg)
             tokens, elapsed = _fast_generate(self.engine, self.tokenizer, prompt_ids, self.args, greedy, stream)
-            return tokens, elapsed, None
+            try:  # the executor's counters: the same counting as the HF path's lim.stats
+                return tokens, elapsed, self.engine.kv_stats()["kv_read_fraction"]
+            except ValueError:  # no decode step ran (one new token)
+                return tokens, elapsed, None
         if cfg == FULL:
             tokens, elapsed = _hf_generate(self.model, self.tokenizer, prompt_ids, self.args, greedy, stream)
             return tokens, elapsed, 1.0
