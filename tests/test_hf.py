@@ -149,3 +149,26 @@ def test_unsupported_models_are_refused():
     t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=100))
     with pytest.raises(ValueError, match="model"):
         lim.enable(t5, SparseConfig(budget=8))
+
+
+def test_import_has_no_side_effects():
+    """import lessismore loads neither transformers nor the engine and registers nothing; enable()
+    registers the attention and mask functions."""
+    import subprocess
+    import sys
+
+    heavy = "('torch', 'transformers', 'lessismore.integrations.hf', 'lessismore.engine')"
+    code = (f"import sys, lessismore; print(sorted(m for m in {heavy} if m in sys.modules)); "
+            "lessismore.SparseConfig(method='quest'); print(sorted(m for m in " + heavy + " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "['torch']"]  # a config needs the method registry (torch), nothing more
+
+
+def test_enable_registers_the_attention_function(default_model):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model, _ = default_model
+    with lim.sparse_attention(model, SparseConfig(budget=64)):
+        assert "lessismore" in AttentionInterface._global_mapping
+        assert "lessismore" in AttentionMaskInterface._global_mapping
