@@ -8,8 +8,8 @@ One kernel, ``_decode_split_kernel``, serves three callers:
   softmax in fp32.
 * ``sparse_decode_attention_per_head``: a token set per query head; a program owns one query head
   (G = 1 in the kernel's terms), its KV head is ``hq // group``.
-* ``lessismore.ops.selection``: dense attention over slots 0..lengths[b]-1 (``dense=True``) that also
-  writes each query head's pre-softmax scores for the top-k.
+* the fused selection layers (``DecodeCache.dense_with_scores``): dense attention over slots
+  0..lengths[b]-1 (``dense=True``) that also writes each query head's pre-softmax scores for the top-k.
 
 Every caller reads either a contiguous cache [B, Hkv, L, D] or, with ``PAGED``, a paged one (vLLM's):
 K/V [num_blocks, block_size, Hkv, D] (any strides, unit stride over D) and a block table [B, max_blocks];
@@ -18,9 +18,7 @@ the kernel (``lessismore.ops.paged``), so nothing is gathered before the kernel 
 
 Every program writes a partial (m, l, acc); ``_reduce_kernel`` merges the splits. With one split (the
 choice whenever the (row, head group) programs alone cover the SMs) the program writes the output
-itself. (Merging in the last program of each group, through an atomic counter, measured no faster on
-the H200 and far slower at batch 1, where one program merges 32+ splits serially.) The number of
-splits depends on the static shapes only (never on ``counts``), so launches need no host
+itself (why not merge in the last program instead: docs/performance.md). The number of splits depends on the static shapes only (never on ``counts``), so launches need no host
 synchronization and can be captured in a CUDA graph.
 
 fp32 inputs use exact fp32 dots (``input_precision="ieee"``) and at most 64-token blocks, 2 stages.
