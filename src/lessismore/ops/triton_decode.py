@@ -18,8 +18,9 @@ the kernel (``lessismore.ops.paged``), so nothing is gathered before the kernel 
 
 Every program writes a partial (m, l, acc); ``_reduce_kernel`` merges the splits. With one split (the
 choice whenever the (row, head group) programs alone cover the SMs) the program writes the output
-itself (why not merge in the last program instead: docs/performance.md). The number of splits depends on the static shapes only (never on ``counts``), so launches need no host
-synchronization and can be captured in a CUDA graph.
+itself (why not merge in the last program instead: docs/performance.md). The number of splits
+depends on the static shapes only (never on ``counts``), so launches need no host synchronization
+and can be captured in a CUDA graph.
 
 fp32 inputs use exact fp32 dots (``input_precision="ieee"``) and at most 64-token blocks, 2 stages.
 Head dims must be powers of two >= 16 (64 and 128 are tested).
