@@ -446,7 +446,7 @@ def _adapter_case(vc, base, section, rows, monkeypatch, layers=5, padded_rows=0,
 
     hq, hkv, dim, block_size, max_len = 4, 2, 32, 16, 160
     backend = getattr(vc, {"FLASH_ATTN": "LessIsMoreFlashAttnBackend", "TRITON_ATTN": "LessIsMoreTritonAttnBackend"}[base])
-    impl_base = backend.get_impl_cls().__mro__[2]
+    impl_base = {"FLASH_ATTN": vc.FlashAttentionImpl, "TRITON_ATTN": vc.TritonAttentionImpl}[base]  # vLLM's own
     calls = []
     monkeypatch.setattr(impl_base, "forward", _reference_attention(calls))
     monkeypatch.setattr(vc, "_require_cuda", lambda name: None)
