@@ -64,19 +64,27 @@ class DecodeCache:
     def valid(self) -> torch.Tensor:
         """[B, L] bool: the slots holding row b's tokens."""
         if self._valid is None:
-            self._valid = torch.arange(self.span, device=self.k.device) < self.lengths.view(-1, 1)
+            self._valid = torch.arange(self.span, device=self.lengths.device) < self.lengths.view(-1, 1)
         return self._valid
 
     def token_counts(self) -> torch.Tensor:
         """[B]: tokens of each row."""
         return self.lengths if self.lengths is not None else self.valid().sum(-1)
 
+    _keys = None
+
     def keys(self) -> torch.Tensor:
-        """[B, Hkv, L, D]: the keys as the reference selections read them."""
-        return self.k
+        """[B, Hkv, L, D]: the keys as the reference selections read them (read once per layer)."""
+        if self._keys is None:
+            self._keys = self._read_all(keys=True)
+        return self._keys
 
     def values(self) -> torch.Tensor:
-        return self.v
+        return self._read_all(keys=False)
+
+    def _read_all(self, keys: bool) -> torch.Tensor:
+        """Every slot of the span, keys or values, contiguous [B, Hkv, L, D] (a paged cache gathers)."""
+        return self.k if keys else self.v
 
     def dense(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Full attention over each row's tokens: [B, Hq, D]."""

@@ -195,29 +195,18 @@ class CpuPagedCache(DecodeCache):
     def __init__(self, kv_cache, key_offsets, value_offsets, rows: "DecodeRows"):
         self.kv_cache, self.key_offsets, self.value_offsets, self.rows = kv_cache, key_offsets, value_offsets, rows
         self.lengths, self._valid, self.kernels = rows.seq_lens, None, False
-        self._keys = None
 
     @property
     def span(self) -> int:
         return self.rows.max_len
-
-    def valid(self) -> torch.Tensor:
-        if self._valid is None:
-            self._valid = torch.arange(self.span, device=self.lengths.device) < self.lengths.view(-1, 1)
-        return self._valid
 
     def _whole(self, offsets) -> torch.Tensor:
         span = torch.arange(self.span, device=self.kv_cache.device)
         positions = torch.minimum(span, self.lengths.unsqueeze(-1) - 1).unsqueeze(1)  # [Bd, 1, L]
         return gather_paged(self.kv_cache, offsets, self.rows.block_table, positions)
 
-    def keys(self) -> torch.Tensor:
-        if self._keys is None:
-            self._keys = self._whole(self.key_offsets)
-        return self._keys
-
-    def values(self) -> torch.Tensor:
-        return self._whole(self.value_offsets)
+    def _read_all(self, keys: bool) -> torch.Tensor:
+        return self._whole(self.key_offsets if keys else self.value_offsets)
 
     def dense(self, q, scale):
         raise RuntimeError("the vLLM adapter passes its own dense attention")

@@ -82,7 +82,6 @@ class PagedCache(DecodeCache):
         self.lengths, self._valid = lengths, None
         self._span = int(span)
         self._scores = scores
-        self._keys = None
         if kernels is None:
             kernels = key_cache.is_cuda and triton_topk_available()
         self.kernels = kernels
@@ -91,11 +90,6 @@ class PagedCache(DecodeCache):
     def span(self) -> int:
         return self._span
 
-    def valid(self) -> torch.Tensor:
-        if self._valid is None:
-            self._valid = torch.arange(self.span, device=self.lengths.device) < self.lengths.view(-1, 1)
-        return self._valid
-
     def _whole(self, cache) -> torch.Tensor:
         """[B, Hkv, span, D]: every position of each row; slots past a row's end repeat its last token
         (they are never valid)."""
@@ -103,13 +97,8 @@ class PagedCache(DecodeCache):
         positions = torch.minimum(span, (self.lengths.long() - 1).clamp_min(0).view(-1, 1))
         return paged_gather(cache, self.block_table, positions)
 
-    def keys(self) -> torch.Tensor:
-        if self._keys is None:
-            self._keys = self._whole(self.key_cache)
-        return self._keys
-
-    def values(self) -> torch.Tensor:
-        return self._whole(self.value_cache)
+    def _read_all(self, keys: bool) -> torch.Tensor:
+        return self._whole(self.key_cache if keys else self.value_cache)
 
     def _score_buffer(self, q) -> torch.Tensor:
         b, hq = q.shape[0], q.shape[1]
