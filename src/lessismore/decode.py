@@ -108,6 +108,19 @@ class DecodeCache:
         return ops.decode_attention(q, self.k, self.v, selection, scale, triton=self.kernels)
 
 
+def _selection_readers(roles: list[LayerRole]) -> list[int]:
+    """For each layer that chooses a set, how many layers read it (its own SELECT_SPARSE layer and the
+    SPARSE layers after it, up to the next choice); 0 for every other layer."""
+    readers = [0] * len(roles)
+    chooser = None
+    for i, role in enumerate(roles):
+        if role in (LayerRole.SELECT_DENSE, LayerRole.SELECT_SPARSE):
+            chooser = i
+        if role in (LayerRole.SELECT_SPARSE, LayerRole.SPARSE) and chooser is not None:
+            readers[chooser] += 1
+    return readers
+
+
 class DecodeExecutor:
     """One method's decode step across the layers of a model.
 
@@ -123,6 +136,8 @@ class DecodeExecutor:
         self.cfg = cfg
         self.method = methods.get(cfg.method)
         self.roles = self.method.layer_roles(cfg, num_layers)
+        self._dense_layers = sum(r in (LayerRole.FULL, LayerRole.SELECT_DENSE) for r in self.roles)
+        self._readers = _selection_readers(self.roles)
         self.fused = fused
         self.observers: list[Observer] = []
         self.selection: Selection | None = None
@@ -177,29 +192,30 @@ class DecodeExecutor:
         self._rows = None
 
     def _select(self, q, cache: DecodeCache) -> Selection:
+        """The reference path's set (or the method's fast one from its state where the cache carries
+        one); a query-independent set is made once per step."""
         if self.method.query_independent and self.selection is not None:
             return self.selection
-        return self.method.select_sharded(self.cfg, q, cache.keys(), cache.valid(), self.shard_group)
-
-    def _select_sparse(self, q, cache: DecodeCache) -> Selection:
-        """A SELECT_SPARSE layer's set: from the method's state where the cache carries one."""
-        reuse = self.method.query_independent and self.selection is not None
-        if cache.state is not None and self.fused is not False and self.shard_group is None and not reuse:
+        if cache.state is not None and self.fused is not False and self.shard_group is None:
             fast = self.method.fast_select(self.cfg, q, cache)
             if fast is not None:
                 return fast
-        return self._select(q, cache)
+        return self.method.select_sharded(self.cfg, q, cache.keys(), cache.valid(), self.shard_group)
 
     def layer(self, index: int, q: torch.Tensor, cache: DecodeCache, scale: float | None = None,
               dense: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Attention of layer ``index`` for this step: q [B, Hq, D] -> [B, Hq, D]. ``dense``: the
         adapter's own full attention (e.g. SDPA with its mask), else ``cache.dense``."""
         role = self.roles[index]
-        if self._stats is None:
-            self.reset_stats(q.device)
         if index == 0:
-            self._count("sequence_steps", torch.ones(q.shape[0], device=q.device))
-        n = cache.token_counts()
+            # What a step reads is known from the lengths and the sets, so it is counted once per
+            # step (dense and full reads) and once per selection, not in every layer.
+            if self._stats is None:
+                self.reset_stats(q.device)
+            n = cache.token_counts()
+            self._count("sequence_steps", torch.ones_like(n))
+            self._count("full_read", n * len(self.roles))
+            self._count("read", n * self._dense_layers)
         if cache.state is not None:
             self.method.update_state(self.cfg, cache)
         selection = None
@@ -215,17 +231,16 @@ class DecodeExecutor:
                     selection = self._select(q, cache)
             if selection is not None:
                 self.selection = selection
-            self._count("read", n)
         else:
             if role is LayerRole.SELECT_SPARSE:
-                self.selection = self._select_sparse(q, cache)
+                self.selection = self._select(q, cache)
             selection = self.selection
             if selection is None:
                 raise RuntimeError(f"layer {index}: a sparse layer ran before any selection in this step")
             out = cache.sparse(q, selection, scale)
-            counts = selection.counts
-            self._count("read", counts.float().mean(-1) if selection.per_head else counts)
-        self._count("full_read", n)
+        if self._readers[index]:
+            counts = self.selection.counts
+            self._count("read", (counts.float().mean(-1) if self.selection.per_head else counts) * self._readers[index])
         for observer in self.observers:
             observer(index, role, q, cache.keys(), cache.values(), cache.valid(), selection, out)
         return out
