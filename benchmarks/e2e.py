@@ -12,8 +12,8 @@ bandwidth measured here (bytes read + written). HF ``generate`` (sdpa, DynamicCa
 context) is the outside peer, timed over a few steps. Correctness of the GPU paths is the job of the
 test suite (pytest -m gpu), not of this script.
 
-Modes: --generate (Engine.generate end to end), --sweep (launch settings of the full step, where the
-engine still exposes them), --profile (per-kernel GPU time of one eager step per point and method).
+Modes: --generate (Engine.generate end to end), --sweep (the full step with the other cuBLAS back end),
+--profile (per-kernel GPU time of one eager step per point and method).
 """
 from __future__ import annotations
 
@@ -127,43 +127,12 @@ def hf_generate_step(hf, batch: int, context: int, steps: int, reps: int = 3):
 
 
 
-# ---- launch-setting sweep ------------------------------------------------------------------------
-
-# Module constants of the engine that --sweep times, and where they may live; a knob the engine no
-# longer has is reported as absent and skipped.
-KNOBS = {
-    "DENSE_PROGRAMS_PER_SM": ("lessismore.decode", "lessismore.engine.attention", "lessismore.ops.triton_decode"),
-    "M1_LINEAR": ("lessismore.engine.model",),
-}
-
-
-def find_knob(name: str):
-    """The module holding engine constant ``name``, or None."""
-    for module_name in KNOBS[name]:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if hasattr(module, name):
-            return module
-    return None
-
-
-def knob_settings() -> dict:
-    out = {}
-    for name in KNOBS:
-        module = find_knob(name)
-        out[name] = getattr(module, name) if module is not None else "not in this engine"
-    return out
+# ---- BLAS back-end sweep -------------------------------------------------------------------------
 
 
 def run_sweep(mcfg, weights, points, args) -> dict:
-    """Full-attention step time at every point for each dense-split setting (and, at batch 1, each
-    batch-1 projection), where the engine still has those constants; sets them to the best (lowest
-    summed time relative to the kernel's own split choice). The other cuBLAS back end is timed for
-    information. A fresh engine for every timing (settings are read at capture)."""
-    dense, m1 = find_knob("DENSE_PROGRAMS_PER_SM"), find_knob("M1_LINEAR")
-    splits = [None, 4, 8, 16] if dense is not None else [None]
+    """Full-attention step time at every point with the default cuBLAS back end and the other one
+    (cuBLAS / cuBLASLt), for information; the default is kept. A fresh engine for every timing."""
     steps = max(1, args.steps // 2)
 
     def full_ms(batch, context):
@@ -171,17 +140,7 @@ def run_sweep(mcfg, weights, points, args) -> dict:
 
     table = {}
     for batch, context in points:
-        row = table[f"{batch}x{context}"] = {}
-        for mult in splits:
-            if dense is not None:
-                dense.DENSE_PROGRAMS_PER_SM = mult
-            row[f"splits_{mult}"] = full_ms(batch, context)
-        if dense is not None:
-            dense.DENSE_PROGRAMS_PER_SM = None
-        if batch == 1 and m1 is not None:
-            m1.M1_LINEAR = "mv"
-            row["linear_mv"] = full_ms(batch, context)
-            m1.M1_LINEAR = "linear"
+        row = table[f"{batch}x{context}"] = {"default": full_ms(batch, context)}
         if DEV == "cuda":
             blas = torch.backends.cuda.preferred_blas_library()
             other = torch._C._BlasBackend.Cublaslt if blas == torch._C._BlasBackend.Cublas else torch._C._BlasBackend.Cublas
@@ -194,13 +153,7 @@ def run_sweep(mcfg, weights, points, args) -> dict:
                 torch.backends.cuda.preferred_blas_library(blas)
             row["blas_default"] = str(blas)
         print("sweep", batch, context, row, flush=True)
-    score = {m: sum(r[f"splits_{m}"] / r["splits_None"] for r in table.values()) for m in splits}
-    if dense is not None:
-        dense.DENSE_PROGRAMS_PER_SM = min(splits, key=lambda m: score[m])
-    ones = [r for r in table.values() if "linear_mv" in r]
-    if m1 is not None and ones and sum(r["linear_mv"] / r["splits_None"] for r in ones) < 0.99 * len(ones):
-        m1.M1_LINEAR = "mv"
-    return {"step_ms_full": table, "relative_sum": {str(m): v for m, v in score.items()}, "chosen": knob_settings()}
+    return {"step_ms_full": table}
 
 
 def profile_step(mcfg, weights, cfg, batch: int, context: int, args, top: int = 12) -> dict:
@@ -238,7 +191,7 @@ def main():
     ap.add_argument("--hf-max-batch", type=int, default=8, help="HF peer only where batch <= this (its cache doubles on every step)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--generate", action="store_true", help="also time Engine.generate end to end (8 x 2K prompts)")
-    ap.add_argument("--sweep", action="store_true", help="choose the dense split setting and batch-1 projection first")
+    ap.add_argument("--sweep", action="store_true", help="also time the full step with the other cuBLAS back end")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one step at every point")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, measures nothing")
@@ -274,7 +227,6 @@ def main():
     if args.sweep:
         result["sweep"] = run_sweep(mcfg, weights, points, args)
         save()
-    result["settings"] = knob_settings()
     rows = result["points"] = []
     for batch, context in points:
         t0 = time.perf_counter()

@@ -189,11 +189,14 @@ class Engine:
             return
         slots = range(self.max_batch) if slots is None else slots
         lengths = self.lengths.tolist()
-        method = self.executor.method
         for slot in slots:
-            for state, k in zip(self.method_state, self.k_cache):
-                if state is not None:
-                    method.fill_state(self.cfg, state, k, int(slot), int(lengths[slot]))
+            self._fill_method_state(int(slot), int(lengths[slot]))
+
+    def _fill_method_state(self, slot: int, length: int) -> None:
+        method = self.executor.method
+        for state, k in zip(self.method_state, self.k_cache):
+            if state is not None:
+                method.fill_state(self.cfg, state, k, slot, length)
 
     # ---- buffers ------------------------------------------------------------------------------------
 
@@ -291,10 +294,7 @@ class Engine:
             logits = self.model.prefill(chunk, slot, start, self.k_cache, self.v_cache, logits=last)
         self.lengths[slot] = len(ids)
         if self.method_state is not None:
-            method = self.executor.method
-            for state, k in zip(self.method_state, self.k_cache):
-                if state is not None:
-                    method.fill_state(self.cfg, state, k, slot, len(ids))
+            self._fill_method_state(slot, len(ids))
         return logits
 
     def _admit(self, slot: int, prompt: list[int], max_new: int, temperature: float, top_p: float, top_k: int, seed: int, stop_on_eos: bool):

@@ -253,10 +253,6 @@ def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> Weights:
     return Weights(embed=embed, layers=layers, final_norm=ones(h), lm_head=lm_head)
 
 
-# Batch-1 projections: "linear" (F.linear, cuBLASLt picks a GEMM) or "mv" (torch.mv, cuBLAS GEMV);
-# benchmarks/e2e.py times both on the GPU.
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 

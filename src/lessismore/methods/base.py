@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
 import torch
 
 from lessismore.config import SparseConfig
