@@ -54,6 +54,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def graph_seconds_per_call(call, inner: int, reps: int, warm: int = 3) -> float:
+    """Median seconds per call over ``reps`` replays of one CUDA graph of ``inner`` calls call(0) ..
+    call(inner - 1), after ``warm`` calls on a side stream (compilation, autotuning)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for j in range(warm):
+            call(j)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in range(inner):
+            call(j)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    del graph
+    return statistics.median(times)
+
+
 class Timer:
     """Seconds of the block in ``.s``: CUDA events on the GPU, the host clock on the CPU."""
 
@@ -90,6 +117,25 @@ def copy_bandwidth(device: str, gib: float = 4.0, reps: int = 10) -> float:
     del src, dst
     free_memory(device)
     return 2 * n * 2 / statistics.median(seconds[2:])
+
+
+def bandwidth_and_weights(mcfg: ModelConfig, result: dict, device: str, smoke: bool):
+    """The copy bandwidth (recorded in ``result``) and one set of random weights at ``mcfg``, shared
+    by every engine of a run. Returns (bytes per second, weights)."""
+    from lessismore.engine.model import random_weights
+
+    bw = copy_bandwidth(device, 0.25 if smoke else 4.0)
+    result["copy_bandwidth_TBps"] = bw / 1e12
+    result["weight_bytes_stored"] = mcfg.weight_bytes(2)
+    result["weight_bytes_read_per_step"] = mcfg.weight_bytes(2, read_per_step=True)
+    print(f"{result.get('device', device)}; copy bandwidth {bw / 1e12:.2f} TB/s; weights "
+          f"{mcfg.weight_bytes(2) / 1e9:.2f} GB stored, {mcfg.weight_bytes(2, read_per_step=True) / 1e9:.2f} GB "
+          "read per step", flush=True)
+    t0 = time.perf_counter()
+    weights = random_weights(mcfg, device, DTYPE, seed=0)
+    sync(device)
+    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    return bw, weights
 
 
 def free_memory(device: str) -> None:

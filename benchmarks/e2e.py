@@ -18,18 +18,16 @@ Modes: --generate (Engine.generate end to end), --sweep (the full step with the 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import time
 
 import torch
 
-from common import (DTYPE, SMOKE_MODEL, Floor, Timer, copy_bandwidth, device_events, environment, free_memory,
+from common import (DTYPE, SMOKE_MODEL, Floor, bandwidth_and_weights, Timer, device_events, environment, free_memory,
                     kernel_summary, method_cfg, sync, write_json)
 from lessismore.config import FULL
 from lessismore.engine import Engine, ModelConfig
-from lessismore.engine.model import random_weights
 
 DEV = "cuda"  # --smoke: "cpu", a tiny model, to check the script itself without a GPU
 
@@ -209,16 +207,7 @@ def main():
     def save():
         write_json(args.out, result)
 
-    bw = copy_bandwidth(DEV, 0.25 if args.smoke else 4.0)
-    result["copy_bandwidth_TBps"] = bw / 1e12
-    result["weight_bytes_stored"] = mcfg.weight_bytes(2)
-    result["weight_bytes_read_per_step"] = mcfg.weight_bytes(2, read_per_step=True)
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {mcfg.weight_bytes(2) / 1e9:.2f} GB stored, "
-          f"{mcfg.weight_bytes(2, read_per_step=True) / 1e9:.2f} GB read per step", flush=True)
-    t0 = time.perf_counter()
-    weights = random_weights(mcfg, DEV, DTYPE, seed=0)
-    sync(DEV)
-    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    bw, weights = bandwidth_and_weights(mcfg, result, DEV, args.smoke)
 
     points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     names = args.methods.split(",")

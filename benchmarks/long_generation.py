@@ -41,10 +41,9 @@ T_START = time.perf_counter()  # --deadline-s counts from here: torch's import i
 
 import torch  # noqa: E402
 
-from common import (DTYPE, SMOKE_MODEL, Floor, cfg_summary, copy_bandwidth, device_events,  # noqa: E402
+from common import (DTYPE, SMOKE_MODEL, Floor, bandwidth_and_weights, cfg_summary, device_events,  # noqa: E402
                     environment, free_memory, kernel_summary, method_cfg, print_kernel_table, sync, write_json)
 from lessismore.engine import Engine, ModelConfig  # noqa: E402
-from lessismore.engine.model import random_weights  # noqa: E402
 
 DEV = "cuda"  # --smoke: "cpu"
 GIB = 2**30
@@ -512,15 +511,7 @@ def main():
     def save():
         write_json(args.out, result)
 
-    bw = copy_bandwidth(DEV, 0.25 if args.smoke else 4.0)
-    result["copy_bandwidth_TBps"] = bw / 1e12
-    result["weight_bytes_read_per_step"] = mcfg.weight_bytes(2, read_per_step=True)
-    print(f"{result['device']}; copy bandwidth {bw / 1e12:.2f} TB/s; weights {mcfg.weight_bytes(2) / 1e9:.2f} GB, "
-          f"{mcfg.weight_bytes(2, read_per_step=True) / 1e9:.2f} GB read per step", flush=True)
-    t0 = time.perf_counter()
-    weights = random_weights(mcfg, DEV, DTYPE, seed=0)
-    sync(DEV)
-    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    bw, weights = bandwidth_and_weights(mcfg, result, DEV, args.smoke)
     save()
     if args.profile:
         run_profile(args, mcfg, weights, bw, result, save, t_start)

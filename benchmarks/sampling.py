@@ -23,11 +23,12 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
+
+from common import graph_seconds_per_call  # noqa: E402
 
 VOCAB = 151936
 BATCHES = (1, 8, 32)
@@ -71,34 +72,13 @@ def make_logits(kind, rows, vocab, device, gen):
 
 
 def timed(fn, reps, inner, device):
-    """Median seconds per call of fn() over reps replays of a graph of inner calls (wall clock on CPU)."""
+    """Median seconds per call of fn() over CUDA-graph replays (one wall-clock call on CPU)."""
     if device == "cpu":
         fn()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    del graph
-    return statistics.median(times)
+    return graph_seconds_per_call(lambda j: fn(), inner, reps)
 
 
 def profile_new(args, sample):

@@ -20,11 +20,12 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
+
+from common import graph_seconds_per_call  # noqa: E402
 
 HEADS, K = 32, 1536
 L2_BYTES = 60 * 2**20
@@ -58,29 +59,7 @@ def time_calls(call, sets, reps, inner, device):
         t0 = time.perf_counter()
         call(0)
         return time.perf_counter() - t0
-    for j in range(sets):
-        call(j)
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for j in range(inner):
-            call(j % sets)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for j in range(inner):
-            call(j % sets)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    return statistics.median(times)
+    return graph_seconds_per_call(lambda j: call(j % sets), inner, reps, warm=max(sets, 3))
 
 
 def breakdown(call, device):

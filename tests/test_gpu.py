@@ -105,20 +105,19 @@ def test_continuous_batching_gives_each_sequence_its_solo_tokens(checkpoint):
     assert [r.token_ids for r in results] == [a[:n] for a, n in zip(alone, (30, 10, 30, 20))]
 
 
-def _engine_selections(checkpoint, method):
-    """(cfg, [(q, k, lengths, selection)]) at every selection layer of a few steps, recorded by an
+def _recorded_selections(checkpoint, method, role=LayerRole.SELECT_DENSE, max_batch=4, new=6):
+    """(engine, [(q, k, valid, selection)]) at every ``role`` layer of a generation, recorded by an
     observer (steps run eagerly then), bf16 kernels."""
-    cfg = cfg_of(method, 24)
-    engine = lim.Engine(str(checkpoint), cfg=cfg, device="cuda", max_batch=4, max_len=160)
+    engine = lim.Engine(str(checkpoint), cfg=cfg_of(method, 24), device="cuda", max_batch=max_batch, max_len=160)
     seen = []
 
-    def record(layer, role, q, k, v, valid, selection, out):
-        if role is LayerRole.SELECT_DENSE:
+    def record(layer, layer_role, q, k, v, valid, selection, out):
+        if layer_role is role:
             seen.append((q.clone(), k.clone(), valid.clone(), selection))
 
     engine.executor.observers.append(record)
-    engine.generate(prompts(), max_new_tokens=6, ignore_eos=True)
-    return engine.cfg, seen
+    engine.generate(prompts(), max_new_tokens=new, ignore_eos=True)
+    return engine, seen
 
 
 @pytest.mark.parametrize("method", ["lessismore", "tidaldecode"])
@@ -127,7 +126,8 @@ def test_fused_selection_equals_reference_on_engine_data(checkpoint, method):
     on the engine's own q/k. Scores are the same fp32 dots summed in another order, so a pair of
     scores within rounding may swap at the top-k boundary: at most 1% of the (row, head) sets may
     differ, by at most one position each."""
-    cfg, seen = _engine_selections(checkpoint, method)
+    engine, seen = _recorded_selections(checkpoint, method)
+    cfg = engine.cfg
     assert seen
     reference = get(method)
     differing = total = 0
@@ -179,16 +179,7 @@ def test_quest_fast_selection_equals_reference_on_engine_data(checkpoint):
     """Quest in the engine selects from its incremental page bounds (bf16, the cache's dtype; the
     reference reads the keys): bounds are exact min/max and the page scores the same fp32 arithmetic,
     so every SELECT_SPARSE layer's set equals the reference ``select`` exactly, slots refilled too."""
-    cfg = cfg_of("quest", 24)
-    engine = lim.Engine(str(checkpoint), cfg=cfg, device="cuda", max_batch=2, max_len=160)
-    seen = []
-
-    def record(layer, role, q, k, v, valid, selection, out):
-        if role is LayerRole.SELECT_SPARSE:
-            seen.append((q.clone(), k.clone(), valid.clone(), selection))
-
-    engine.executor.observers.append(record)
-    engine.generate(prompts(), max_new_tokens=[12, 5, 9, 7], ignore_eos=True)
+    engine, seen = _recorded_selections(checkpoint, "quest", LayerRole.SELECT_SPARSE, max_batch=2, new=[12, 5, 9, 7])
     assert engine.method_state is not None and len(seen) >= 4 * engine.stats.decode_steps
     reference = get("quest")
     for q, k, valid, selection in seen:

@@ -40,7 +40,6 @@ Elsewhere (CPU tensors) a PyTorch version with the same rule sorts each row (flo
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
