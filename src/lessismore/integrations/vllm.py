@@ -42,10 +42,10 @@ from typing import ClassVar
 
 import torch
 
-from lessismore import ops
+from lessismore import methods, ops
 from lessismore.config import SparseConfig
 from lessismore.decode import DecodeCache, DecodeExecutor
-from lessismore.methods import LayerRole, Selection
+from lessismore.methods import LayerRole, Method, Selection
 
 BACKEND_NAME = "LESSISMORE"
 SETTINGS_KEY = "lessismore"
@@ -306,11 +306,18 @@ class LessIsMoreMetadataBuilder(CPUAttentionMetadataBuilder):
         return metadata
 
 
+def needs_collectives(cfg: SparseConfig) -> bool:
+    """The method talks to the other ranks when it selects (it has its own ``select_sharded``)."""
+    return type(methods.get(cfg.method)).select_sharded is not Method.select_sharded
+
+
 def make_executor(cfg: SparseConfig, vllm_config) -> DecodeExecutor:
     """The executor of one KV-cache group: the method's schedule over the model's layers; under tensor
-    parallelism it selects across ranks, and with ``LESSISMORE_VLLM_RECORD`` set it records the sets."""
+    parallelism a method whose set spans the ranks' heads selects across ranks (a per-head or
+    query-independent set needs no other rank, and keeps its fused path), and with
+    ``LESSISMORE_VLLM_RECORD`` set it records the sets."""
     executor = DecodeExecutor(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers)
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
+    if vllm_config.parallel_config.tensor_parallel_size > 1 and needs_collectives(cfg):
         from vllm.distributed.parallel_state import get_tp_group
 
         executor.shard_group = get_tp_group().device_group

@@ -25,7 +25,6 @@ rows of the sparse layers.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -95,13 +94,6 @@ def _has_fused_selection(executor: DecodeExecutor) -> bool:
             and LayerRole.SELECT_DENSE in executor.roles)
 
 
-def _needs_collectives(cfg) -> bool:
-    """The method talks to the other ranks when it selects (it has its own ``select_sharded``)."""
-    from lessismore import methods
-
-    return type(methods.get(cfg.method)).select_sharded is not Method.select_sharded
-
-
 class _DecodeBuilderMixin:
     """Metadata builder: vLLM's own metadata, plus ``.lessismore`` (``StepRows``) when LessIsMore runs."""
 
@@ -114,7 +106,7 @@ class _DecodeBuilderMixin:
         cfg = plugin.settings_for(vllm_config)
         if cfg is None:
             return base
-        if vllm_config.parallel_config.tensor_parallel_size > 1 and _needs_collectives(cfg):
+        if vllm_config.parallel_config.tensor_parallel_size > 1 and plugin.needs_collectives(cfg):
             # The cross-rank union all-gathers through torch.distributed: eager attention between the
             # pieces of vLLM's piecewise graphs.
             return AttentionCGSupport.NEVER
@@ -129,7 +121,7 @@ class _DecodeBuilderMixin:
         self.score_buffer = None
         if self.sparse_cfg is None:
             return
-        self.executor = make_executor(self.sparse_cfg, vllm_config)
+        self.executor = plugin.make_executor(self.sparse_cfg, vllm_config)
         self.executor.reset_stats(device)
         model_config = vllm_config.model_config
         self.span = int(model_config.max_model_len)
@@ -194,20 +186,6 @@ def _prefill_flags(flags, num_reqs: int) -> torch.Tensor | None:
     if flags.shape[0] < num_reqs:
         flags = torch.cat([flags, flags.new_zeros(num_reqs - flags.shape[0])])
     return flags
-
-
-def make_executor(cfg, vllm_config) -> DecodeExecutor:
-    """As ``vllm.make_executor``; sets the tensor-parallel group only where the method selects across
-    ranks (a per-head or query-independent set keeps its fused path on each rank's heads)."""
-    executor = DecodeExecutor(cfg, vllm_config.model_config.hf_text_config.num_hidden_layers)
-    if vllm_config.parallel_config.tensor_parallel_size > 1 and _needs_collectives(cfg):
-        from vllm.distributed.parallel_state import get_tp_group
-
-        executor.shard_group = get_tp_group().device_group
-    record_dir = os.environ.get(plugin.RECORD_ENV)
-    if record_dir:
-        executor.observers.append(plugin.SelectionRecorder(record_dir))
-    return executor
 
 
 def paged_views(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,5 +332,5 @@ if FlashAttentionBackend is not None:
                     if r == "dtype not supported" else r for r in reasons]
 
 
-__all__ = ["StepRows", "PagedCache", "backend_path", "make_executor", "paged_views",
+__all__ = ["StepRows", "PagedCache", "backend_path", "paged_views",
            "LessIsMoreTritonAttnBackend"] + (["LessIsMoreFlashAttnBackend"] if FlashAttentionBackend is not None else [])
