@@ -202,25 +202,16 @@ def check_device(device: str | None) -> None:
 
 
 def check_model(spec: str) -> None:
-    """'default', a .gguf file, or a model folder with a config.json and a tokenizer (one-line
-    ValueError naming --model otherwise)."""
-    if spec == "default":
-        return
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"--model: no such GGUF file: {spec}")
-        return
-    if not path.exists():
-        raise ValueError(f"--model: expected 'default', a model folder or a .gguf file; {spec} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"--model: expected 'default', a model folder or a .gguf file, got the file {spec}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model: {path} has no config.json, so it is not a Hugging Face model folder")
-    from lessismore.models import TOKENIZER_FILES  # what the loaders look for
+    """``models.check_spec`` (nothing is loaded), and a tokenizer in a model folder: one-line
+    ValueError naming --model otherwise."""
+    from lessismore import models
 
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"--model: {path} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
+    try:
+        path = models.check_spec(spec)
+    except ValueError as e:
+        raise ValueError(f"--model: {str(e).partition(': ')[2]}") from None
+    if path is not None and path.suffix != ".gguf" and not models.has_tokenizer(path):
+        raise ValueError(f"--model: {path} has no tokenizer (looked for {', '.join(models.TOKENIZER_FILES)})")
 
 
 def check_writable_file(flag: str, path: str) -> None:

