@@ -129,6 +129,10 @@ def run_engines(spec: dict) -> dict:
     results = {"tokens": {}, "seconds": {}, "errors": {}}
     batch = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+    def save():  # after every case: a child cut short by the caller's timeout still reports what it ran
+        with open(spec["out"], "w") as f:
+            json.dump(results, f)
+
     for name in spec["cases"]:
         section, dtype, eager, base = CASES[name]
         start = time.time()
@@ -147,6 +151,7 @@ def run_engines(spec: dict) -> dict:
             results["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"
         results["seconds"][name] = round(time.time() - start, 1)
         print(f"CASE {name}: {results['seconds'][name]} s", "ERROR" if name in results["errors"] else "", flush=True)
+        save()
     os.environ.pop(plugin.RECORD_ENV, None)
     if spec.get("bad"):
         try:
@@ -155,6 +160,7 @@ def run_engines(spec: dict) -> dict:
             results["bad_error"] = f"{type(exc).__name__}: {exc}"
         else:
             results["bad_error"] = None
+    save()
     return results
 
 
@@ -166,14 +172,13 @@ def run_child(folder, spec: dict) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TRITON_INTERPRET="0", VLLM_NO_USAGE_STATS="1",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TRITON_F32_DEFAULT="ieee")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    proc = subprocess.run([sys.executable, __file__, str(folder / "spec.json")], env=env, capture_output=True, text=True,
-                          timeout=1500)
-    log = os.environ.get("LESSISMORE_GPU_LOG")
-    if log:
-        with open(log, "w") as f:
-            f.write(proc.stdout + "\n---- stderr ----\n" + proc.stderr)
+    # The child's output goes straight to the log file, so a run killed from outside still leaves it.
+    log = os.environ.get("LESSISMORE_GPU_LOG") or str(folder / "child.log")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, str(folder / "spec.json")], env=env, stdout=f,
+                              stderr=subprocess.STDOUT, text=True, timeout=1500)
     if proc.returncode != 0 or not (folder / "out.json").exists():
-        pytest.fail(f"the vLLM child process failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"the vLLM child process failed ({proc.returncode}):\n{open(log).read()[-8000:]}")
     results = json.loads((folder / "out.json").read_text())
     results["record"] = spec["record"]
     return results
