@@ -11,7 +11,7 @@ from lessismore.config import SparseConfig
 from lessismore.decode import DecodeCache
 from lessismore.engine import Engine
 from lessismore.methods import get
-from lessismore.methods.quest import Quest, QuestState, page_bounds
+from lessismore.methods.quest import Quest, QuestState, page_bounds, page_scores
 
 
 def _check_equal(fast, ref, n):
@@ -95,6 +95,18 @@ def test_incremental_state_gives_the_reference_selection(page_size, budget, quan
         step()
     # A cache view shorter than the state's rows (fewer pages scored): still the reference.
     step(span=int(lengths.max()) + 1 + page_size // 2)
+
+
+def test_page_scores_are_the_bound_of_the_definition():
+    """sum_d max(q_d*lo_d, q_d*hi_d), queries of both signs and exact zeros, grouped heads."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 8, generator=g)
+    q[0, 1, :3] = 0
+    keys = torch.randn(2, 3, 5, 4, 8, generator=g)  # [B, Hkv, NP, P, D]
+    lo, hi = keys.amin(3), keys.amax(3)
+    qg = q.view(2, 3, 2, 1, 8)
+    want = torch.maximum(qg * lo.unsqueeze(2), qg * hi.unsqueeze(2)).sum(-1).reshape(2, 6, 5)
+    torch.testing.assert_close(page_scores(q, lo, hi), want, rtol=1e-5, atol=1e-5)
 
 
 def test_fast_select_declines_what_it_cannot_serve():

@@ -342,7 +342,7 @@ class SelectionRecorder:
             return  # a CUDA-graph capture (no host reads); replays are not recorded
         from vllm.distributed.parallel_state import get_tp_group
 
-        live = torch.arange(selection.indices.shape[-1]) < selection.counts.unsqueeze(-1)
+        live = torch.arange(selection.indices.shape[-1], device=selection.counts.device) < selection.counts.unsqueeze(-1)
         line = {"layer": layer, "batch_rows": self.batch_rows, "seq_lens": valid.sum(-1).tolist(),
                 "sets": torch.where(live, selection.indices, -1).tolist()}
         with open(os.path.join(self.folder, f"rank{get_tp_group().rank_in_group}.jsonl"), "a") as f:

@@ -38,11 +38,12 @@ def page_bounds(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[t
 
 
 def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[B, Hq, NP]: sum_d max(q_d*lo_d, q_d*hi_d) per query head."""
+    """[B, Hq, NP]: sum_d max(q_d*lo_d, q_d*hi_d) per query head, in fp32. Since lo <= hi that is
+    max(q, 0).hi + min(q, 0).lo: two batched matrix products, with no [B, Hq, NP, D] intermediate."""
     b, hq, d = q.shape
     hkv = lo.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, 1, d)
-    bound = torch.maximum(qg * lo.unsqueeze(2), qg * hi.unsqueeze(2)).sum(-1)
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    bound = qg.clamp(min=0) @ hi.float().transpose(-1, -2) + qg.clamp(max=0) @ lo.float().transpose(-1, -2)
     return bound.reshape(b, hq, lo.shape[2])
 
 
