@@ -93,7 +93,7 @@ def _patch_flashinfer_probe():
         pass
 
 
-def run_engines(spec: dict) -> dict:
+def run_engines(spec: dict) -> None:
     _patch_flashinfer_probe()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -129,6 +129,7 @@ def run_engines(spec: dict) -> dict:
     results = {"tokens": {}, "seconds": {}, "errors": {}}
     batch = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+
     def save():  # after every case: a child cut short by the caller's timeout still reports what it ran
         with open(spec["out"], "w") as f:
             json.dump(results, f)
@@ -161,7 +162,6 @@ def run_engines(spec: dict) -> dict:
         else:
             results["bad_error"] = None
     save()
-    return results
 
 
 def run_child(folder, spec: dict) -> dict:
@@ -320,6 +320,4 @@ def test_vllm_gpu_bad_setting_fails_at_engine_start_naming_it(vllm_results):
 
 
 if __name__ == "__main__":
-    spec = json.loads(open(sys.argv[1]).read())
-    with open(spec["out"], "w") as f:
-        json.dump(run_engines(spec), f)
+    run_engines(json.loads(open(sys.argv[1]).read()))  # writes spec["out"] itself, after every case
