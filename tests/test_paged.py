@@ -197,7 +197,7 @@ def test_paged_cache_through_executor_equals_contiguous(cfg, triton_topk):
 
     scores = torch.empty(b * hkv * g * span, device=DEVICE)
     got, got_seen, got_stats = run(lambda s: paged.PagedCache(s[3], s[4], s[5], lengths, span, scores=scores,
-                                                              kernels=triton_topk), None)
+                                                              kernels=triton_topk), True)
     ref, ref_seen, ref_stats = run(lambda s: DecodeCache(s[1], s[2], lengths=lengths, kernels=False), False)
     assert got_stats == ref_stats
     for (i, role, sel, out), (_, ref_role, ref_sel, ref_out) in zip(got_seen, ref_seen):

@@ -61,6 +61,12 @@ class DecodeCache:
         """L: the slots a row may occupy (sizes selections and score buffers)."""
         return self.k.shape[2]
 
+    @property
+    def triton_readable(self) -> bool:
+        """Whether the Triton kernels read this cache (the lengths layout, kernels on): where the dense
+        pass and a method's fused selection can run."""
+        return self.lengths is not None and self.kernels
+
     def valid(self) -> torch.Tensor:
         """[B, L] bool: the slots holding row b's tokens."""
         if self._valid is None:
@@ -88,7 +94,7 @@ class DecodeCache:
 
     def dense(self, q: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Full attention over each row's tokens: [B, Hq, D]."""
-        if self.lengths is not None and self.kernels:
+        if self.triton_readable:
             return ops.triton_decode.dense_decode_attention(q, self.k, self.v, self.lengths, scale)
         return naive.masked_decode_attention(q, self.k, self.v, self.valid(), scale)
 
@@ -96,7 +102,7 @@ class DecodeCache:
         """(out [B, Hq, D], scores [B, Hq, L] fp32) in one pass: the unscaled q.k at slots
         score_lo <= pos < n - score_window, -inf elsewhere. None where this cache has no such kernel
         (the executor then takes the reference path)."""
-        if self.lengths is None or not self.kernels:
+        if not self.triton_readable:
             return None
         scores = torch.empty(q.shape[0], q.shape[1], self.span, device=q.device, dtype=torch.float32)
         out = ops.triton_decode.split_decode(q, self.k, self.v, None, self.lengths, scale, dense=True, scores=scores,
@@ -130,7 +136,7 @@ class DecodeExecutor:
     wherever the cache offers it, and its fast path wherever the cache carries a state.
     """
 
-    def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool | None = None):
+    def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool = True):
         if not isinstance(cfg, SparseConfig):
             raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
         self.cfg = cfg
@@ -196,7 +202,7 @@ class DecodeExecutor:
         one); a query-independent set is made once per step."""
         if self.method.query_independent and self.selection is not None:
             return self.selection
-        if cache.state is not None and self.fused is not False and self.shard_group is None:
+        if cache.state is not None and self.fused and self.shard_group is None:
             fast = self.method.fast_select(self.cfg, q, cache)
             if fast is not None:
                 return fast
@@ -221,7 +227,7 @@ class DecodeExecutor:
         selection = None
         if role in (LayerRole.FULL, LayerRole.SELECT_DENSE):
             fused = None
-            if role is LayerRole.SELECT_DENSE and self.shard_group is None and self.fused is not False:
+            if role is LayerRole.SELECT_DENSE and self.shard_group is None and self.fused:
                 fused = self.method.fused_select(self.cfg, q, cache, scale)
             if fused is not None:
                 out, selection = fused

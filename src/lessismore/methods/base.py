@@ -52,12 +52,15 @@ class Method:
     name: str = ""
     settings: dict = {}
     per_head: bool = False
-    # True: selections are made at cfg.selection_layers, which attend fully (TidalDecode's schedule).
-    # False: every non-full layer selects for itself (Quest, oracle, StreamingLLM).
-    uses_selection_layers: bool = True
     # True: the set depends on the row lengths alone (StreamingLLM), so one selection per step serves
     # every layer.
     query_independent: bool = False
+
+    @property
+    def uses_selection_layers(self) -> bool:
+        """True: selections are made at cfg.selection_layers, which attend fully (TidalDecode's
+        schedule); False: every non-full layer selects for itself (Quest, oracle, StreamingLLM)."""
+        return "selection_layers" in self.settings
 
     def validate(self, cfg: SparseConfig) -> None:
         """Checks of the method's own (beyond each field's range, which SparseConfig checks). Raises

@@ -20,7 +20,6 @@ class Oracle(Method):
     name = "oracle"
     settings = {"budget": 2048, "full_layers": (0, 1)}
     per_head = True
-    uses_selection_layers = False
 
     def select(self, cfg, q, k, valid):
         return mask_to_selection(oracle_mask(grouped_scores(q, k), valid, cfg.budget), min(cfg.budget, valid.shape[-1]))

@@ -147,7 +147,6 @@ class Quest(Method):
     name = "quest"
     settings = {"budget": 2048, "page_size": 16, "full_layers": (0, 1)}
     per_head = True
-    uses_selection_layers = False
 
     def validate(self, cfg):
         if cfg.page_size > cfg.budget:

@@ -25,7 +25,6 @@ class Streaming(Method):
     name = "streaming"
     settings = {"budget": 2048, "sink_tokens": 4, "full_layers": (0, 1)}
     query_independent = True
-    uses_selection_layers = False
 
     def select(self, cfg, q, k, valid):
         return mask_to_selection(streaming_mask(valid, cfg.budget, cfg.sink_tokens), min(cfg.budget, valid.shape[-1]))

@@ -13,19 +13,13 @@ static length (vLLM: max_model_len), so every shape is fixed and a step can be c
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+from lessismore import ops
 from lessismore.decode import DecodeCache
 from lessismore.methods import Selection
-
-
-def _triton_decode():
-    from lessismore.ops import triton_decode
-
-    return triton_decode
 
 
 def paged_decode(q, key_cache, value_cache, block_table, span: int, selection: Selection | None = None,
@@ -34,7 +28,7 @@ def paged_decode(q, key_cache, value_cache, block_table, span: int, selection: S
     0..lengths[b]-1 (``scores``: an fp32 [B, Hq, span] buffer for the unscaled q.k at
     score_lo <= pos < lengths[b] - score_window, -inf elsewhere); else attention over the selected
     positions (a set shared by the heads or one per query head). Returns [B, Hq, D] in q's dtype."""
-    td = _triton_decode()
+    td = ops.triton_decode
     pages = (block_table, span)
     if selection is None:
         return td.split_decode(q, key_cache, value_cache, None, lengths, scale, dense=True, scores=scores,
@@ -56,11 +50,9 @@ TOPK_ENV = "LESSISMORE_PAGED_TOPK"  # "torch": the fused selections' top-k in Py
 
 
 def triton_topk_available() -> bool:
-    """Whether ``ops.topk_desc`` has its Triton path (``lessismore.ops.topk``) installed (and not
-    switched off with LESSISMORE_PAGED_TOPK=torch)."""
-    if os.environ.get(TOPK_ENV, "").strip().lower() == "torch":
-        return False
-    return importlib.util.find_spec("lessismore.ops.topk") is not None
+    """Whether the fused selections' top-k may take ``ops.topk_desc``'s Triton path (not switched off
+    with LESSISMORE_PAGED_TOPK=torch)."""
+    return os.environ.get(TOPK_ENV, "").strip().lower() != "torch"
 
 
 class PagedCache(DecodeCache):
@@ -83,12 +75,15 @@ class PagedCache(DecodeCache):
         self._span = int(span)
         self._scores = scores
         if kernels is None:
-            kernels = key_cache.is_cuda and triton_topk_available()
+            kernels = ops.triton_usable(key_cache) and triton_topk_available()
         self.kernels = kernels
 
     @property
     def span(self) -> int:
         return self._span
+
+    # Attention always runs on the paged kernels; ``kernels`` picks only the top-k's path.
+    triton_readable = True
 
     def _whole(self, cache) -> torch.Tensor:
         """[B, Hkv, span, D]: every position of each row; slots past a row's end repeat its last token

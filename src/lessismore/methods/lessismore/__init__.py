@@ -33,6 +33,8 @@ class LessIsMore(Method):
         return select_across_ranks(cfg, q, k, valid, group)
 
     def fused_select(self, cfg, q, cache, scale):
+        if not cache.triton_readable:
+            return None  # before the import: Triton may not be installed
         from lessismore.methods.lessismore.triton import fused_select
 
         return fused_select(cfg, q, cache, scale)

@@ -140,7 +140,7 @@ def union_selection(top, values, lengths, length, budget, recent, sinks) -> Sele
 def fused_select(cfg: SparseConfig, q, cache, scale=None):
     """The selection layer: (dense attention output [B, Hq, D] in q's dtype, the set of
     ``methods.get("lessismore").select`` over the cache's tokens), or None when ``cache`` (a
-    ``decode.DecodeCache``) cannot give scores."""
+    ``decode.DecodeCache`` the kernels read) cannot give scores."""
     recent, sinks = cfg.recent_share, cfg.effective_sinks
     length = cache.span
     top = values = None
@@ -151,8 +151,6 @@ def fused_select(cfg: SparseConfig, q, cache, scale=None):
         out, scores = found
         values, top = ops.topk_desc(scores, min(cfg.budget - recent, length), cache.lengths, triton=cache.kernels)
     else:
-        if cache.lengths is None:
-            return None
         out = cache.dense(q, scale)
     return out, union_selection(top, values, cache.lengths, length, cfg.budget, recent, sinks)
 
