@@ -40,17 +40,14 @@ Elsewhere (CPU tensors) a PyTorch version with the same rule sorts each row (flo
 """
 from __future__ import annotations
 
-
 import torch
 
-try:
+from lessismore.engine.kernels import HAVE_TRITON, use_triton
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - Triton is optional
-    HAVE_TRITON = False
 
 _MASK32 = 0xFFFFFFFF
 _MULT = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64
@@ -104,7 +101,7 @@ def sample(
     ``TRITON_INTERPRET=1``)."""
     if not do_sample:
         return logits.argmax(-1)
-    if _use_triton(logits, impl):
+    if use_triton(logits, impl):
         return _sample_triton(logits, temperature, top_p, top_k, seed, counter)
     return _sample_torch(logits, temperature, top_p, top_k, seed, counter)
 
@@ -114,18 +111,12 @@ def thresholds(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Ten
     """The kept-set threshold t [B] (int64, on ``order_key``) of every row: row b keeps the tokens with
     order_key(scaled_logits) >= t[b]. For tests and inspection (the kernels path runs the same passes
     as ``sample``); greedy rows get 0."""
-    if _use_triton(logits, impl):
+    if use_triton(logits, impl):
         return _triton_thresholds(logits, temperature, top_p, top_k)
     x = scaled_logits(logits, temperature)
     keep = _kept_torch(x, top_p, top_k)
     t = torch.where(keep, order_key(x), torch.full_like(x, 2**32, dtype=torch.int64)).amin(-1)
     return torch.where(temperature > 0, t, torch.zeros_like(t))
-
-
-def _use_triton(x: torch.Tensor, impl: str) -> bool:
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"impl: expected auto, triton or torch, got {impl!r}")
-    return HAVE_TRITON and (impl == "triton" or (impl == "auto" and x.is_cuda))
 
 
 # ---- PyTorch path (CPU): sort each row --------------------------------------------------------------
