@@ -401,7 +401,7 @@ def cmd_generate(args) -> int:
         "tokens_per_s": len(tokens) / elapsed if elapsed > 0 else None,
         "kv_read_fraction": read_fraction,
     }
-    read_text = "n/a (fast engine)" if read_fraction is None else f"{read_fraction:.3f}"
+    read_text = "n/a (no decode step)" if read_fraction is None else f"{read_fraction:.3f}"
     label = cfg.method + (f" K={cfg.budget}" if cfg.budget is not None else "")
     speed = f"{result['tokens_per_s']:.1f} tok/s" if result["tokens_per_s"] is not None else "n/a tok/s"
     print(f"\n[{label}, {args.engine}] {len(tokens)} tokens in {elapsed:.1f} s ({speed}), "

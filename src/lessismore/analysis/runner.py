@@ -115,7 +115,7 @@ class _MethodRecord:
     sparse_layers: list[int]
     sparse_set: set = field(default_factory=set)
     n_entries: int = 0  # sparse layers x query heads
-    state: hf.DecodeState | None = None
+    state: hf.HFDecodeState | None = None
     cache: object = None
     recall: torch.Tensor | None = None  # this step [B, nL, Hq], NaN where not recorded
     bound: torch.Tensor | None = None
@@ -237,7 +237,7 @@ def _forward(model, batch: Batch, cols: slice, cache, device):
 
 
 class Analyzer:
-    """Holds a model with one DecodeState per run; ``run(traces)`` returns the summary dict."""
+    """Holds a model with one HFDecodeState per run; ``run(traces)`` returns the summary dict."""
 
     def __init__(self, model, options: AnalysisOptions):
         self.model, self.opt = model, options

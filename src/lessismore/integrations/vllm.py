@@ -64,7 +64,6 @@ try:
     from vllm.v1.attention.backends.cpu_attn import (
         CPUAttentionBackend,
         CPUAttentionBackendImpl,
-        CPUAttentionMetadata,
         CPUAttentionMetadataBuilder,
     )
 except ImportError:  # pragma: no cover - vLLM missing, or a build without the CPU backend

@@ -42,21 +42,13 @@ try:
         FlashAttentionImpl,
         FlashAttentionMetadataBuilder,
     )
-except ImportError as exc:  # pragma: no cover - a vLLM build without FlashAttention
-    _FLASH_IMPORT_ERROR: ImportError | None = exc
+except ImportError:  # pragma: no cover - a vLLM build without FlashAttention
     FlashAttentionBackend = FlashAttentionImpl = FlashAttentionMetadataBuilder = None
-else:
-    _FLASH_IMPORT_ERROR = None
 from vllm.v1.attention.backends.triton_attn import (  # noqa: E402
     TritonAttentionBackend,
     TritonAttentionImpl,
     TritonAttentionMetadataBuilder,
 )
-
-
-def backend_path() -> str:
-    """The class path registered for LESSISMORE on CUDA (by name on 0.32, in the CUSTOM slot on 0.26)."""
-    return plugin.cuda_backend_path()
 
 
 def _backend_name() -> str:
@@ -90,7 +82,9 @@ class StepRows:
 
 
 def _has_fused_selection(executor: DecodeExecutor) -> bool:
-    return (type(executor.method).fused_select is not Method.fused_select
+    """Whether the selection layers take the method's fused path (the one that fills the score buffer):
+    not where the set is chosen across ranks."""
+    return (type(executor.method).fused_select is not Method.fused_select and executor.shard_group is None
             and LayerRole.SELECT_DENSE in executor.roles)
 
 
@@ -332,5 +326,5 @@ if FlashAttentionBackend is not None:
                     if r == "dtype not supported" else r for r in reasons]
 
 
-__all__ = ["StepRows", "PagedCache", "backend_path", "paged_views",
+__all__ = ["StepRows", "PagedCache", "paged_views",
            "LessIsMoreTritonAttnBackend"] + (["LessIsMoreFlashAttnBackend"] if FlashAttentionBackend is not None else [])
