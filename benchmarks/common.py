@@ -32,7 +32,7 @@ import torch
 
 from lessismore import methods
 from lessismore.config import SparseConfig
-from lessismore.engine import ModelConfig
+from lessismore.engine import Engine, ModelConfig
 from lessismore.methods import LayerRole
 
 # The scripts import this module from their own folder (sys.path[0]); take that folder off the path
@@ -250,9 +250,11 @@ class Floor:
         return total
 
 
-def step_bytes(mcfg: ModelConfig, cfg: SparseConfig, batch: int, context: int) -> int:
-    """Bytes one decode step must read: weights (not the embedding table) plus the K/V rows."""
-    return Floor.of(mcfg, cfg).step_bytes(batch, context)
+def new_engine(mcfg: ModelConfig, weights, cfg: SparseConfig, batch: int, max_len: int, device: str,
+               cuda_graphs: bool | None = None) -> Engine:
+    """A fresh engine on the shared weights, for ``batch`` rows of up to ``max_len`` tokens."""
+    return Engine(mcfg, cfg=cfg, weights=weights, device=device, dtype=DTYPE, max_batch=batch, max_len=max_len,
+                  cuda_graphs=cuda_graphs)
 
 
 # ---- environment and output ------------------------------------------------------------------------

@@ -23,11 +23,8 @@ import torch.distributed as dist
 from lessismore.config import SparseConfig
 from lessismore.methods import get
 
-try:  # LessIsMore's cross-rank selection: methods/lessismore/distributed.py (was integrations/cross_rank.py)
-    from lessismore.methods.lessismore.distributed import all_gather_heads
-    from lessismore.methods.lessismore.distributed import select_across_ranks as lessismore_select
-except ImportError:
-    from lessismore.integrations.cross_rank import all_gather_heads, lessismore_select
+from lessismore.methods.lessismore.distributed import all_gather_heads
+from lessismore.methods.lessismore.distributed import select_across_ranks as lessismore_select
 
 
 def median_ms(fn, reps: int = 30) -> float:

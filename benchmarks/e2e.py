@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import (DTYPE, SMOKE_MODEL, Floor, bandwidth_and_weights, Timer, device_events, environment, free_memory,
+from common import (DTYPE, SMOKE_MODEL, new_engine, Floor, bandwidth_and_weights, Timer, device_events, environment, free_memory,
                     kernel_summary, method_cfg, sync, write_json)
 from lessismore.config import FULL
 from lessismore.engine import Engine, ModelConfig
@@ -33,11 +33,6 @@ DEV = "cuda"  # --smoke: "cpu", a tiny model, to check the script itself without
 
 
 # ---- engine state (internals: the engine's state buffers, its cache and step) ----------------------
-
-
-def new_engine(mcfg, weights, cfg, batch: int, max_len: int, cuda_graphs: bool | None = None) -> Engine:
-    return Engine(mcfg, cfg=cfg, weights=weights, device=DEV, dtype=DTYPE, max_batch=batch, max_len=max_len,
-                  cuda_graphs=cuda_graphs)
 
 
 def fill_decode_state(engine: Engine, batch: int, context: int, seed: int = 0):
@@ -78,7 +73,7 @@ def time_steps(engine: Engine, batch: int, context: int, steps: int, reps: int) 
 
 def timed_point(mcfg, weights, cfg, batch: int, context: int, args, steps=None, reps=None, cuda_graphs=None) -> list[float]:
     """A fresh engine at this point, filled, timed, freed."""
-    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), cuda_graphs)
+    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs)
     try:
         fill_decode_state(engine, batch, context)
         return time_steps(engine, batch, context, steps or args.steps, reps or args.reps)
@@ -159,7 +154,7 @@ def profile_step(mcfg, weights, cfg, batch: int, context: int, args, top: int = 
     the same kernels, each one recorded): the total and the largest."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), cuda_graphs=False)
+    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs=False)
     try:
         fill_decode_state(engine, batch, context)
         engine.step(batch)  # compile
@@ -261,7 +256,7 @@ def main():
         prompts = [torch.randint(0, mcfg.vocab_size, (plen,), generator=gen).tolist() for _ in range(8)]
         result["generate"] = {}
         for name in ("full", "lessismore"):
-            engine = new_engine(mcfg, weights, method_cfg(name, gen_budget), 8, plen + 256)
+            engine = new_engine(mcfg, weights, method_cfg(name, gen_budget), 8, plen + 256, DEV)
             engine.generate(prompts[:1], max_new_tokens=4, ignore_eos=True)  # capture, compile
             t0 = time.perf_counter()
             engine.generate(prompts, max_new_tokens=16 if args.smoke else 256, ignore_eos=True)

@@ -29,22 +29,13 @@ from lessismore.methods.base import mask_to_selection
 from lessismore.methods.lessismore import lessismore_mask
 from lessismore.ops import triton_decode
 
-try:  # the fused LessIsMore selection layer: methods/lessismore/triton.py (was ops/selection.py)
-    from lessismore.methods.lessismore import triton as lessismore_triton
-except ImportError:
-    from lessismore.ops import selection as lessismore_triton
-
-union_selection = lessismore_triton.union_selection
+from lessismore.decode import DecodeCache
+from lessismore.methods.lessismore.triton import fused_select, union_selection
 
 
 def select_lessismore(q, k_cache, v_cache, lengths, cfg):
     """The fused selection layer on a contiguous cache: (dense attention output, Selection)."""
-    old = getattr(lessismore_triton, "select_lessismore", None)
-    if old is not None:
-        return old(q, k_cache, v_cache, lengths, cfg)
-    from lessismore.decode import DecodeCache
-
-    return lessismore_triton.fused_select(cfg, q, DecodeCache(k_cache, v_cache, lengths=lengths, kernels=True))
+    return fused_select(cfg, q, DecodeCache(k_cache, v_cache, lengths=lengths, kernels=True))
 
 HQ, HKV, D = 32, 8, 128  # Qwen3-8B
 DTYPE = torch.bfloat16

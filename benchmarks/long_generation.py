@@ -41,7 +41,7 @@ T_START = time.perf_counter()  # --deadline-s counts from here: torch's import i
 
 import torch  # noqa: E402
 
-from common import (DTYPE, SMOKE_MODEL, Floor, bandwidth_and_weights, cfg_summary, device_events,  # noqa: E402
+from common import (DTYPE, SMOKE_MODEL, new_engine, Floor, bandwidth_and_weights, cfg_summary, device_events,  # noqa: E402
                     environment, free_memory, kernel_summary, method_cfg, print_kernel_table, sync, write_json)
 from lessismore.engine import Engine, ModelConfig  # noqa: E402
 
@@ -99,11 +99,6 @@ def free_bytes() -> int:
 # ---- one generation --------------------------------------------------------------------------------
 
 
-def new_engine(mcfg, weights, cfg, batch: int, max_len: int, cuda_graphs: bool | None = None) -> Engine:
-    return Engine(mcfg, cfg=cfg, weights=weights, device=DEV, dtype=DTYPE, max_batch=batch, max_len=max_len,
-                  cuda_graphs=cuda_graphs, seed=0)
-
-
 def stats_dict(s) -> dict:
     return {"prefill_tokens": s.prefill_tokens, "prefill_s": s.prefill_s, "decode_steps": s.decode_steps,
             "decode_tokens": s.decode_tokens, "decode_s": s.decode_s,
@@ -145,11 +140,8 @@ def predict_s(warm: dict, floor: Floor, prompt_lens: list[int], new: int, bw: fl
 
 
 def kv_stats(engine: Engine):
-    fn = getattr(engine, "kv_stats", None)  # the engine's own KV-read counters, where it has them
-    if fn is None:
-        return None
     try:
-        return fn()
+        return engine.kv_stats()
     except Exception as exc:  # noqa: BLE001  (informational)
         return f"failed: {exc!r}"
 
@@ -253,9 +245,8 @@ def run_table(args, mcfg, weights, bw, result, save, t_start) -> None:
                     continue
                 engine = None
                 try:
-                    engine = new_engine(mcfg, weights, cfg, batch, max_len)
-                    result.setdefault("engine", {"sync_every": getattr(engine, "sync_every", None),
-                                                 "cuda_graphs": getattr(engine, "use_graphs", None)})
+                    engine = new_engine(mcfg, weights, cfg, batch, max_len, DEV)
+                    result.setdefault("engine", {"sync_every": engine.sync_every, "cuda_graphs": engine.use_graphs})
                     for r in records:
                         points.append(r)
                         run_one(engine, r, prompts, prompt_lens, floor, bw, args, t_start)
@@ -392,7 +383,7 @@ def run_profile(args, mcfg, weights, bw, result, save, t_start) -> None:
             for name, graphs, fn in stages:
                 engine = None
                 try:
-                    engine = new_engine(mcfg, weights, cfg, batch, max_len, cuda_graphs=graphs)
+                    engine = new_engine(mcfg, weights, cfg, batch, max_len, DEV, cuda_graphs=graphs)
                     entry[name] = fn(engine, floor)
                 except Exception as exc:  # noqa: BLE001  (a diagnostic: keep going)
                     if args.smoke:
