@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from lessismore.config import SparseConfig
 from lessismore.methods.base import Selection, grouped_scores, mask_to_selection
-from lessismore.methods.lessismore.reference import lessismore_mask, unified_union
+from lessismore.methods.lessismore.reference import fixed_and_middle, unified_union
 from lessismore.ops import naive
 
 
@@ -52,13 +52,10 @@ def lessismore_mask_cross_rank(
 ) -> torch.Tensor:
     """``reference.lessismore_mask`` for a rank that holds scores [B, H_local, L] of its own
     heads only; every rank of ``group`` must call it (with the same valid, budget, recent, sinks)."""
-    # The fixed part (sinks + recency window, or every valid slot when the row fits in the budget) is
-    # lessismore_mask itself with no rankable scores.
-    fixed = lessismore_mask(scores.new_full((scores.shape[0], 1, scores.shape[2]), float("-inf")), valid, budget, recent, sinks)
+    fixed, middle = fixed_and_middle(valid, budget, recent, sinks)
     k = budget - recent
     if k <= 0:
         return fixed
-    middle = valid & ~fixed
     masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
     values, top = naive.topk_desc(masked, min(k, scores.shape[-1]))
     return fixed | cross_rank_union(top, values > float("-inf"), scores.shape[-1], k, group)

@@ -40,21 +40,25 @@ def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) 
     return torch.zeros(b, length, dtype=torch.bool, device=top.device).scatter_(1, positions, keys < never)
 
 
+def fixed_and_middle(valid: torch.Tensor, budget: int, recent: int, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score-free part of the selection, masks [B, L]: (fixed: the sinks and the recency window, or
+    every valid slot where the row fits in the budget; middle: the slots the ranked share chooses from,
+    none where the row fits)."""
+    rank, n = valid_ranks(valid)
+    sink = valid & (rank < sinks)
+    recent_mask = valid & (rank >= (n - (recent - sinks)).unsqueeze(-1))
+    fixed = torch.where(fits_budget(n, budget).unsqueeze(-1), valid, sink | recent_mask)
+    return fixed, valid & ~fixed
+
+
 def lessismore_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int, recent: int, sinks: int) -> torch.Tensor:
     """The selection as a mask [B, L] from scores [B, H, L]. ``recent`` is R (sinks included), ``sinks``
     the sinks actually kept (0 when R < s)."""
     length = valid.shape[-1]
-    rank, n = valid_ranks(valid)
-    window = recent - sinks
-    sink = valid & (rank < sinks)
-    recent_mask = valid & (rank >= (n - window).unsqueeze(-1))
-    middle = valid & ~sink & ~recent_mask
-    chosen = torch.zeros_like(valid)
+    fixed, middle = fixed_and_middle(valid, budget, recent, sinks)
     k = budget - recent
-    if k > 0:
-        kk = min(k, length)
-        masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
-        values, top = naive.topk_desc(masked, kk)
-        chosen = unified_union(top, values > float("-inf"), length, k)
-    selected = sink | recent_mask | chosen
-    return torch.where(fits_budget(n, budget).unsqueeze(-1), valid, selected)
+    if k <= 0:
+        return fixed
+    masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
+    values, top = naive.topk_desc(masked, min(k, length))
+    return fixed | unified_union(top, values > float("-inf"), length, k)
