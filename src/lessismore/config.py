@@ -147,6 +147,12 @@ class SparseConfig:
         return cfg
 
 
+def require_sparse_config(value, field: str = "cfg") -> None:
+    """The one-line error where a SparseConfig is needed and something else came."""
+    if not isinstance(value, SparseConfig):
+        raise ValueError(f"{field}: expected a SparseConfig (full attention is SparseConfig(method='full')), got {value!r}")
+
+
 def __getattr__(name):
     # FULL is built on first use: building a config loads the method registry (and torch), which
     # importing this module alone must not.

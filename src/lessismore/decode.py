@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from lessismore import methods, ops
-from lessismore.config import SparseConfig
+from lessismore.config import SparseConfig, require_sparse_config
 from lessismore.methods import LayerRole, Selection
 from lessismore.ops import naive
 
@@ -137,8 +137,7 @@ class DecodeExecutor:
     """
 
     def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool = True):
-        if not isinstance(cfg, SparseConfig):
-            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
+        require_sparse_config(cfg)
         self.cfg = cfg
         self.method = methods.get(cfg.method)
         self.roles = self.method.layer_roles(cfg, num_layers)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from lessismore import methods
 from lessismore.analysis import metrics as M
 from lessismore.analysis.traces import Batch, Trace, pack_batches
-from lessismore.config import FULL, SETTINGS, SparseConfig
+from lessismore.config import FULL, SETTINGS, SparseConfig, require_sparse_config
 from lessismore.integrations import hf
 from lessismore.methods import LayerRole
 
@@ -54,8 +54,7 @@ class AnalysisOptions:
     progress: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.base, SparseConfig):
-            raise ValueError("base: expected a SparseConfig")
+        require_sparse_config(self.base, "base")
         if not self.methods:
             raise ValueError("methods: at least one method is needed")
         for name in self.methods:

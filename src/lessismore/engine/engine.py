@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lessismore.config import FULL, SparseConfig
+from lessismore.config import FULL, SparseConfig, require_sparse_config
 from lessismore.decode import DecodeExecutor
 from lessismore.engine.graphs import GraphRunner
 from lessismore.engine.loading import load
@@ -107,8 +107,7 @@ class Engine:
         seed: int = 0,
         weights: Weights | None = None,
     ):
-        if not isinstance(cfg, SparseConfig):
-            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
+        require_sparse_config(cfg)
         if int(max_batch) < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if int(max_len) < 2:
@@ -156,8 +155,7 @@ class Engine:
 
     def set_method(self, cfg: SparseConfig):
         """Switch the sparse-attention method; captured graphs are dropped."""
-        if not isinstance(cfg, SparseConfig):
-            raise ValueError(f"cfg: expected a SparseConfig (full attention is SparseConfig(method='full')), got {cfg!r}")
+        require_sparse_config(cfg)
         mcfg = self.model_config
         if self._graphs is not None:
             self._graphs.reset()

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
+from lessismore.config import require_sparse_config
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -145,7 +147,7 @@ class HFGenerator:
     def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse) -> list[Completion]:
         import torch
 
-        _check_sparse(sparse)
+        require_sparse_config(sparse, "sparse")
         if len(prompts) != len(seeds):
             raise ValueError("seeds: need one seed per prompt")
         with torch.inference_mode():
@@ -193,13 +195,6 @@ class HFGenerator:
             torch.cuda.synchronize(self.device)
 
 
-def _check_sparse(sparse) -> None:
-    from lessismore.config import SparseConfig
-
-    if not isinstance(sparse, SparseConfig):
-        raise ValueError(f"sparse: expected a SparseConfig (SparseConfig(method='full') for full attention), got {sparse!r}")
-
-
 class EngineGenerator:
     """The fast engine (``lessismore.Engine``) behind the same interface. Each prompt samples from its
     own seeded stream in the engine, so its tokens do not depend on its batch mates either."""
@@ -210,7 +205,7 @@ class EngineGenerator:
         self._method = object()  # nothing set yet
 
     def generate(self, prompts: list[str], seeds: list[int], params: SamplingParams, sparse) -> list[Completion]:
-        _check_sparse(sparse)
+        require_sparse_config(sparse, "sparse")
         if len(prompts) != len(seeds):
             raise ValueError("seeds: need one seed per prompt")
         if sparse != self._method:  # switching drops the captured graphs: only when it changes

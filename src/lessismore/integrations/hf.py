@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lessismore.config import SparseConfig
+from lessismore.config import SparseConfig, require_sparse_config
 from lessismore.decode import DecodeCache, DecodeExecutor
 
 ATTENTION_NAME = "lessismore"
@@ -107,8 +107,7 @@ def enable(model, cfg: SparseConfig) -> SparseConfig:
     """Switch ``model`` to sparse decode attention as described by ``cfg``. Returns the resolved config
     (default selection layers filled in). Raises ValueError, before changing anything, if the model or
     the config cannot be served correctly."""
-    if not isinstance(cfg, SparseConfig):
-        raise ValueError(f"cfg: expected a SparseConfig, got {type(cfg).__name__}")
+    require_sparse_config(cfg)
     _check_supported(model)
     config = model.config
     num_layers = config.num_hidden_layers
