@@ -98,20 +98,14 @@ class QuestState:
     def fill(self, k: torch.Tensor, row: int, length: int) -> None:
         """Row ``row``'s bounds from its keys k[row, :, :length] (k: the layer's key cache); pages past
         them reset."""
-        p = self.page_size
         lo, hi = self.lo[row], self.hi[row]  # [Hkv, NP, D]
         lo.fill_(float("inf"))
         hi.fill_(float("-inf"))
-        keys = k[row, :, :length].to(lo.dtype)
-        whole = length // p
-        if whole:
-            blocks = keys[:, : whole * p].unflatten(1, (whole, p))
-            lo[:, :whole] = blocks.amin(2)
-            hi[:, :whole] = blocks.amax(2)
-        if length % p:
-            tail = keys[:, whole * p :]
-            lo[:, whole] = tail.amin(1)
-            hi[:, whole] = tail.amax(1)
+        if length:
+            valid = torch.ones(1, length, dtype=torch.bool, device=k.device)
+            page_lo, page_hi, _ = page_bounds(k[row : row + 1, :, :length], valid, self.page_size)
+            lo[:, : page_lo.shape[2]] = page_lo[0]  # min/max of keys are keys: exact in the cache dtype
+            hi[:, : page_hi.shape[2]] = page_hi[0]
 
     def update(self, k: torch.Tensor, lengths: torch.Tensor) -> None:
         """Fold slot n-2 of each row (rows with n >= 2) into its page: k [b, Hkv, L, D] the first b
