@@ -34,28 +34,6 @@ KINDS = ("flat", "peaked", "tied")
 SETTINGS = {"T0.6-p0.95": (0.6, 0.95, 0), "T0.6-p0.95-k50": (0.6, 0.95, 50), "T1-k50": (1.0, 1.0, 50)}
 
 
-def old_sample(logits, temperature, top_p, top_k, seed, counter, do_sample):
-    """The sort-based implementation before the threshold kernels (verbatim)."""
-    from lessismore.engine.sampling import uniform
-
-    greedy = logits.argmax(-1)
-    if not do_sample:
-        return greedy
-    vocab = logits.shape[-1]
-    scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    probs = torch.softmax(ordered, dim=-1)
-    before = probs.cumsum(-1) - probs
-    rank = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).long()
-    keep = (before < top_p[:, None]) & (rank[None, :] < k[:, None])
-    keep[:, 0] = True
-    gumbel = -torch.log(-torch.log(uniform(seed, counter, order)))
-    score = torch.where(keep, ordered + gumbel, torch.full_like(ordered, float("-inf")))
-    drawn = order.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, drawn, greedy)
-
-
 def make_logits(kind, rows, vocab, device, gen):
     if kind == "flat":
         x = torch.randn(rows, vocab, generator=gen) * 0.3
@@ -138,9 +116,9 @@ def main():
                 same, total = 0, 0
                 for c in range(8 if cuda else 1):
                     counter.fill_(c)
-                    same += (old_sample(*call, True) == new_sample(*call, True)).sum().item()
+                    same += (sampling.sample_by_sorting(*call, True) == new_sample(*call, True)).sum().item()
                     total += b
-                t_old = timed(lambda: old_sample(*call, True), reps, inner, device)
+                t_old = timed(lambda: sampling.sample_by_sorting(*call, True), reps, inner, device)
                 t_new = timed(lambda: new_sample(*call, True), reps, inner, device)
                 row = {"kind": kind, "batch": b, "vocab": vocab, "setting": name, "temperature": t, "top_p": p,
                        "top_k": k, "old_us": round(t_old * 1e6, 2), "new_us": round(t_new * 1e6, 2),

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 from lessismore.engine import sampling  # noqa: E402
-from lessismore.engine.sampling import order_key, sample, scaled_logits, thresholds, uniform  # noqa: E402
+from lessismore.engine.sampling import order_key, sample, sample_by_sorting, scaled_logits, thresholds  # noqa: E402
 
 INTERPRETED = sampling._interpreted()
 ON_GPU = torch.cuda.is_available() and not INTERPRETED
@@ -23,26 +23,6 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # A token whose reference "mass strictly above" is this close to top_p may go either way (rounding of
 # the masses: fp32 exp and sums in the kernels, float64 here).
 BOUNDARY = 1e-6
-
-
-def old_sample(logits, temperature, top_p, top_k, seed, counter, do_sample):
-    """The implementation before the sort-free kernels (verbatim): the behaviour to keep."""
-    greedy = logits.argmax(-1)
-    if not do_sample:
-        return greedy
-    vocab = logits.shape[-1]
-    scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
-    ordered, order = scaled.sort(dim=-1, descending=True)
-    probs = torch.softmax(ordered, dim=-1)
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-    rank = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).long()
-    keep = (before < top_p[:, None]) & (rank[None, :] < k[:, None])
-    keep[:, 0] = True
-    gumbel = -torch.log(-torch.log(uniform(seed, counter, order)))
-    score = torch.where(keep, ordered + gumbel, torch.full_like(ordered, float("-inf")))
-    drawn = order.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, drawn, greedy)
 
 
 def reference(logits, temperature, top_p, top_k):
@@ -184,7 +164,7 @@ def test_draws_equal_the_sort_based_original():
         gen = torch.Generator().manual_seed(s)
         seed = torch.randint(-2**62, 2**62, (n,), generator=gen).to(DEVICE)
         counter = torch.randint(0, 10**6, (n,), generator=gen).to(DEVICE)
-        old = old_sample(logits, temperature, top_p, top_k, seed, counter, True)
+        old = sample_by_sorting(logits, temperature, top_p, top_k, seed, counter, True)
         new = sample(logits, temperature, top_p, top_k, seed, counter, True, impl="triton")
         torch_path = sample(logits, temperature, top_p, top_k, seed, counter, True, impl="torch")
         assert torch.equal(new, old), (new != old).nonzero().flatten().tolist()
@@ -193,7 +173,7 @@ def test_draws_equal_the_sort_based_original():
         sampled = (temperature > 0) & (top_k != 1)
         assert (new[sampled] != logits.argmax(-1)[sampled]).any()
         again = sample(logits, temperature, top_p, top_k, seed, counter + 1, True, impl="triton")
-        assert torch.equal(again, old_sample(logits, temperature, top_p, top_k, seed, counter + 1, True))
+        assert torch.equal(again, sample_by_sorting(logits, temperature, top_p, top_k, seed, counter + 1, True))
         assert (again[sampled] != new[sampled]).any()
 
 
@@ -213,7 +193,7 @@ def test_greedy_rows_and_greedy_path_unchanged():
         assert torch.equal(got[temperature == 0], greedy[temperature == 0])
         assert torch.equal(sample(logits, temperature, top_p, top_k, seed, counter, False, impl=impl), greedy)
     assert torch.equal(sample(logits, temperature, top_p, top_k, seed, counter, False),
-                       old_sample(logits, temperature, top_p, top_k, seed, counter, False))
+                       sample_by_sorting(logits, temperature, top_p, top_k, seed, counter, False))
 
 
 DISTRIBUTION_CASES = [(0.8, 0.9, 0), (1.3, 1.0, 3), (0.5, 0.7, 2)]
@@ -282,4 +262,4 @@ def test_cuda_graph_replay():
     counter += 1
     graph.replay()
     assert torch.equal(out, sample(logits, temperature, top_p, top_k, seed, counter, True))
-    assert torch.equal(out, old_sample(logits, temperature, top_p, top_k, seed, counter, True))
+    assert torch.equal(out, sample_by_sorting(logits, temperature, top_p, top_k, seed, counter, True))

@@ -148,6 +148,28 @@ def _sample_torch(logits, temperature, top_p, top_k, seed, counter):
     return torch.where(temperature > 0, score.argmax(-1), greedy)
 
 
+def sample_by_sorting(logits, temperature, top_p, top_k, seed, counter, do_sample):
+    """The engine's sampler before the sort-free kernels: one full sort of every row per step. Kept as
+    the peer the kernels are timed against (benchmarks/sampling.py) and whose draws they must keep
+    (tests/test_sampling.py); same noise as ``sample``, fp32 masses, the top-k cut by rank."""
+    greedy = logits.argmax(-1)
+    if not do_sample:
+        return greedy
+    vocab = logits.shape[-1]
+    scaled = logits.float() / temperature.clamp_min(1e-6)[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    probs = torch.softmax(ordered, dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
+    rank = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).long()
+    keep = (before < top_p[:, None]) & (rank[None, :] < k[:, None])
+    keep[:, 0] = True
+    gumbel = -torch.log(-torch.log(uniform(seed, counter, order)))
+    score = torch.where(keep, ordered + gumbel, torch.full_like(ordered, float("-inf")))
+    drawn = order.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
+    return torch.where(temperature > 0, drawn, greedy)
+
+
 # ---- Triton path ------------------------------------------------------------------------------------
 
 # Radix digits of the 32-bit key, most significant first (bits). The first three passes see most
