@@ -156,15 +156,8 @@ def sparse_configs(args, method_names, flag: str = "--methods", used_anyway=()) 
     settings = sparse_settings(args)
     if not hasattr(args, "budgets"):
         return [_config(m, settings, sweep=False) for m in method_names]
-    budgets = tuple(dict.fromkeys(args.budgets or ()))
-    configs = []
-    for m in method_names:
-        if "budget" not in methods.get(m).settings:
-            configs.append(_config(m, settings, sweep=True))
-            continue
-        for b in budgets or (methods.get(m).settings["budget"],):  # none given: the method's default
-            configs.append(_config(m, {**settings, "budget": b}, sweep=True))
-    return configs
+    return [_config(m, settings if b is None else {**settings, "budget": b}, sweep=True)
+            for m, b in methods.budget_grid(method_names, args.budgets or ())]
 
 
 def config_dict(cfg) -> dict:

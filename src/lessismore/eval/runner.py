@@ -115,14 +115,7 @@ class EvalSettings:
         budget); a method without a budget (full attention) once, with budget None."""
         from lessismore import methods
 
-        cells = []
-        for m in self.methods:
-            settings = methods.get(m).settings
-            if "budget" not in settings:
-                cells.append((m, None))
-            else:
-                cells.extend((m, b) for b in self.budgets or [settings["budget"]])
-        return cells
+        return methods.budget_grid(self.methods, self.budgets or ())
 
     def sparse_config(self, method: str, budget: int | None):
         """The SparseConfig of a cell (``SparseConfig(method="full")`` for full attention)."""

@@ -150,6 +150,19 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def budget_grid(names, budgets=()) -> list[tuple[str, int | None]]:
+    """(method, budget) cells in the order given: each method with each budget (none given: its default
+    budget), a method without a budget (full attention) once, with budget None."""
+    cells = []
+    for name in names:
+        settings = get(name).settings
+        if "budget" not in settings:
+            cells.append((name, None))
+        else:
+            cells.extend((name, b) for b in (tuple(dict.fromkeys(budgets)) or (settings["budget"],)))
+    return cells
+
+
 # ---- tensor helpers shared by the methods -------------------------------------------------------
 
 
