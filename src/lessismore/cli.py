@@ -314,7 +314,7 @@ class _Runner:
     def generate(self, cfg, prompt_ids, greedy: bool, stream: bool):
         """(tokens, seconds, kv_read_fraction or None) for the SparseConfig ``cfg``."""
         import lessismore as lim
-        from lessismore.config import FULL
+        from lessismore import methods
 
         if self.args.engine == "fast":
             self.engine.set_method(cfg)
@@ -323,7 +323,7 @@ class _Runner:
                 return tokens, elapsed, self.engine.kv_stats()["kv_read_fraction"]
             except ValueError:  # no decode step ran (one new token)
                 return tokens, elapsed, None
-        if cfg == FULL:
+        if methods.get(cfg.method).dense:
             tokens, elapsed = _hf_generate(self.model, self.tokenizer, prompt_ids, self.args, greedy, stream)
             return tokens, elapsed, 1.0
         with lim.sparse_attention(self.model, cfg):

@@ -254,7 +254,7 @@ class Analyzer:
             state = self._make_state(cfg, observer=self._method_observer(rec))
             rec.state, rec.cfg = state, state.cfg
             roles = state.roles
-            rec.sparse_layers = list(range(self.num_layers)) if cfg == FULL else [
+            rec.sparse_layers = list(range(self.num_layers)) if methods.get(cfg.method).dense else [
                 i for i, r in enumerate(roles) if r in (LayerRole.SPARSE, LayerRole.SELECT_SPARSE)
             ]
             rec.sparse_set = set(rec.sparse_layers)
@@ -284,7 +284,7 @@ class Analyzer:
             if rec.recall is None or layer not in rec.sparse_set:
                 return
             probs = M.ground_truth_attention(q, k, valid, self.scale)
-            mask = M.selection_mask(None if rec.cfg == FULL else selection, valid, self.num_q)
+            mask = M.selection_mask(None if methods.get(rec.cfg.method).dense else selection, valid, self.num_q)
             rec.recall[:, layer] = M.attention_recall(probs, mask).cpu()
             rec.bound[:, layer] = M.oracle_recall(probs, valid, self.opt.base.budget).cpu()
 

@@ -127,18 +127,18 @@ class HFGenerator:
         self.device = next(model.parameters()).device
 
     def _attention(self, sparse):
-        from lessismore.config import FULL
+        from lessismore import methods
 
-        if sparse == FULL:  # full attention runs the model unpatched
+        if methods.get(sparse.method).dense:  # full attention runs the model unpatched
             return contextlib.nullcontext()
         from lessismore import sparse_attention
 
         return sparse_attention(self.model, sparse)
 
     def _kv_read_fraction(self, sparse) -> float | None:
-        from lessismore.config import FULL
+        from lessismore import methods
 
-        if sparse == FULL:
+        if methods.get(sparse.method).dense:
             return 1.0
         from lessismore import stats
 

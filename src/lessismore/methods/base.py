@@ -55,6 +55,9 @@ class Method:
     # True: the set depends on the row lengths alone (StreamingLLM), so one selection per step serves
     # every layer.
     query_independent: bool = False
+    # True: every layer attends over the whole cache (full attention), so callers may run a model
+    # unpatched and count every KV row as read.
+    dense: bool = False
 
     @property
     def uses_selection_layers(self) -> bool:

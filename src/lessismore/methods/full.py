@@ -6,6 +6,7 @@ from lessismore.methods.base import LayerRole, Method, register
 class Full(Method):
     name = "full"
     settings = {}
+    dense = True
 
     def layer_roles(self, cfg, num_layers):
         return [LayerRole.FULL] * num_layers
