@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (DTYPE, SMOKE_MODEL, new_engine, Floor, bandwidth_and_weights, Timer, device_events, environment, free_memory,
-                    kernel_summary, method_cfg, sync, write_json)
+from common import (DTYPE, SMOKE_MODEL, Floor, Timer, bandwidth_and_weights, device_events, environment, free_memory,
+                    kernel_summary, method_cfg, new_engine, sync, write_json)
 from lessismore.config import FULL
 from lessismore.engine import Engine, ModelConfig
 

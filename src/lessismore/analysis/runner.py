@@ -284,7 +284,7 @@ class Analyzer:
             if rec.recall is None or layer not in rec.sparse_set:
                 return
             probs = M.ground_truth_attention(q, k, valid, self.scale)
-            mask = M.selection_mask(None if methods.get(rec.cfg.method).dense else selection, valid, self.num_q)
+            mask = M.selection_mask(selection, valid, self.num_q)  # None in a dense method's layers
             rec.recall[:, layer] = M.attention_recall(probs, mask).cpu()
             rec.bound[:, layer] = M.oracle_recall(probs, valid, self.opt.base.budget).cpu()
 
