@@ -11,7 +11,8 @@ from lessismore.config import SparseConfig
 from lessismore.decode import DecodeCache
 from lessismore.engine import Engine
 from lessismore.methods import get
-from lessismore.methods.quest import Quest, QuestState, page_bounds, page_scores
+from lessismore.methods.quest import Quest, QuestState, page_bounds
+from lessismore.ops import naive
 
 
 def _check_equal(fast, ref, n):
@@ -51,12 +52,31 @@ CASES = [  # (page_size, budget, quantized, dtype)
 ]
 
 
+def _kernels_on_cpu(monkeypatch):
+    """Quest's ops take their Triton kernels (under the interpreter on CPU), as on a GPU. The top-k
+    stays the reference: its kernel gives the same bits (tests/test_topk.py) and is slow interpreted."""
+    pytest.importorskip("triton")
+    from lessismore.ops import triton_decode
+
+    if not triton_decode.INTERPRETED:
+        pytest.skip("the Triton interpreter is off")
+    monkeypatch.setattr(lessismore.ops, "triton_usable", lambda t: True)
+    monkeypatch.setattr(lessismore.ops, "topk_desc", lambda scores, k, lengths=None: naive.topk_desc(scores, k, lengths))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # 0 * inf in unfilled pages, masked after
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
 @pytest.mark.parametrize("page_size, budget, quantized, dtype", CASES)
-def test_incremental_state_gives_the_reference_selection(page_size, budget, quantized, dtype):
+def test_incremental_state_gives_the_reference_selection(page_size, budget, quantized, dtype, kernels, monkeypatch):
     """Four cache rows, prefilled to different lengths and decoded token by token: n <= K (whole row),
     n just over K, pages partially filled, a row that stops (inactive: its n stays, the slot past its
     tokens is rewritten every step, as the engine does), a row of one token, and a slot refilled with a
-    short sequence after a long one. Every step: fast_select == select, and the bounds invariant."""
+    short sequence after a long one. Every step: fast_select == select, and the bounds invariant; once
+    with the PyTorch ops, once with the Triton kernels on both paths (fp16 for bf16 there: the
+    interpreter's bf16 is not trusted)."""
+    if kernels:
+        _kernels_on_cpu(monkeypatch)
+        dtype = torch.float16 if dtype == torch.bfloat16 else dtype
     gen = torch.Generator().manual_seed(page_size * 100 + budget)
     hq, hkv, d, max_len = 6, 2, 8, 72
     batch = 4
@@ -98,7 +118,8 @@ def test_incremental_state_gives_the_reference_selection(page_size, budget, quan
 
 
 def test_page_scores_are_the_bound_of_the_definition():
-    """sum_d max(q_d*lo_d, q_d*hi_d), queries of both signs and exact zeros, grouped heads."""
+    """sum_d max(q_d*lo_d, q_d*hi_d), queries of both signs and exact zeros, grouped heads; the current
+    page (the last of ceil(n/P)) +inf and pages past it -inf."""
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 6, 8, generator=g)
     q[0, 1, :3] = 0
@@ -106,7 +127,14 @@ def test_page_scores_are_the_bound_of_the_definition():
     lo, hi = keys.amin(3), keys.amax(3)
     qg = q.view(2, 3, 2, 1, 8)
     want = torch.maximum(qg * lo.unsqueeze(2), qg * hi.unsqueeze(2)).sum(-1).reshape(2, 6, 5)
-    torch.testing.assert_close(page_scores(q, lo, hi), want, rtol=1e-5, atol=1e-5)
+    # n = 5 pages * 4 + 1: the current page is page 5, past the five scored.
+    whole = naive.quest_page_scores(q, lo, hi, torch.tensor([21, 21]), 4)
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-5)
+    cut = naive.quest_page_scores(q, lo, hi, torch.tensor([9, 20]), 4)  # pages in use: 3 and 5
+    assert bool((cut[0, :, 2] == float("inf")).all()) and bool((cut[0, :, 3:] == float("-inf")).all())
+    assert bool((cut[1, :, 4] == float("inf")).all())
+    torch.testing.assert_close(cut[0, :, :2], want[0, :, :2])
+    torch.testing.assert_close(cut[1, :, :4], want[1, :, :4])
 
 
 def test_fast_select_declines_what_it_cannot_serve():

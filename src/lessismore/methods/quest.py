@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from lessismore import ops
 from lessismore.methods.base import Method, Selection, mask_to_selection, register, valid_ranks
-from lessismore.ops import naive
 
 
 def page_bounds(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,39 +37,23 @@ def page_bounds(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[t
     return lo[:, :, :num_pages], hi[:, :, :num_pages], page
 
 
-def page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[B, Hq, NP]: sum_d max(q_d*lo_d, q_d*hi_d) per query head, in fp32. Since lo <= hi that is
-    max(q, 0).hi + min(q, 0).lo: two batched matrix products, with no [B, Hq, NP, D] intermediate."""
-    b, hq, d = q.shape
-    hkv = lo.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    bound = qg.clamp(min=0) @ hi.float().transpose(-1, -2) + qg.clamp(max=0) @ lo.float().transpose(-1, -2)
-    return bound.reshape(b, hq, lo.shape[2])
-
-
-def top_pages(scores: torch.Tensor, n: torch.Tensor, budget: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each head's pages: scores [B, Hq, NP] (``page_scores``), n [B] tokens per row. The current page
-    (the last one, holding token n-1) is always taken, pages past it never; of the rest the top by
-    score (equal scores: lower page first), ceil(K/P) pages in all. Returns (top [B, Hq, T] page ids,
-    T = min(ceil(K/P), NP), some of them non-existent pages when a row has fewer than T; exists
-    [B, NP] bool)."""
-    num_pages = scores.shape[-1]
-    pages_used = -(-n // page_size)  # [B]
-    page_ids = torch.arange(num_pages, device=scores.device)
-    exists = page_ids.unsqueeze(0) < pages_used.unsqueeze(-1)
-    current = page_ids.unsqueeze(0) == (pages_used - 1).unsqueeze(-1)
-    scores = scores.masked_fill(~exists.unsqueeze(1), float("-inf"))
-    scores = scores.masked_fill(current.unsqueeze(1), float("inf"))
-    take = min(-(-budget // page_size), num_pages)
-    return naive.topk_desc(scores, take)[1], exists
+def top_pages(scores: torch.Tensor, budget: int, page_size: int) -> torch.Tensor:
+    """Each head's pages, from scores [B, Hq, NP] (``ops.quest_page_scores``: the current page +inf,
+    pages past it -inf): the top min(ceil(K/P), NP) by score, equal scores lower page first; some of
+    them non-existent pages when a row has fewer. [B, Hq, T] page ids."""
+    take = min(-(-budget // page_size), scores.shape[-1])
+    return ops.topk_desc(scores, take)[1]
 
 
 def quest_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, budget: int, page_size: int) -> torch.Tensor:
     """Per-head mask [B, Hq, L]."""
     lo, hi, page = page_bounds(k, valid, page_size)
-    scores = page_scores(q, lo, hi)
     _, n = valid_ranks(valid)
-    top, exists = top_pages(scores, n, budget, page_size)
+    # The bounds in the keys' dtype (exact: they are keys), as the engine's state holds them, so both
+    # paths give ops.quest_page_scores the same inputs.
+    scores = ops.quest_page_scores(q, lo.to(k.dtype), hi.to(k.dtype), n, page_size)
+    top = top_pages(scores, budget, page_size)
+    exists = torch.arange(scores.shape[-1], device=q.device) < (-(-n.long() // page_size)).unsqueeze(-1)
     chosen_pages = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & exists.unsqueeze(1)
     # Slot -> its page's choice; invalid slots look up the dropped page NP (False).
     chosen_pages = torch.cat([chosen_pages, chosen_pages.new_zeros(*chosen_pages.shape[:2], 1)], dim=-1)
@@ -110,30 +94,8 @@ class QuestState:
     def update(self, k: torch.Tensor, lengths: torch.Tensor) -> None:
         """Fold slot n-2 of each row (rows with n >= 2) into its page: k [b, Hkv, L, D] the first b
         rows' keys, lengths [b] their n. Idempotent; fixed shapes, no host sync."""
-        b, hkv, _, d = k.shape
-        n = lengths.long()
-        slot = (n - 2).clamp(min=0).view(b, 1, 1, 1)
-        key = k.gather(2, slot.expand(b, hkv, 1, d)).to(self.lo.dtype)
-        page = (slot // self.page_size).expand(b, hkv, 1, d)
-        live = (n >= 2).view(b, 1, 1, 1)
-        for bounds, fold in ((self.lo[:b], torch.minimum), (self.hi[:b], torch.maximum)):
-            now = bounds.gather(2, page)
-            bounds.scatter_(2, page, torch.where(live, fold(now, key), now))
-
-
-def selection_from_pages(top: torch.Tensor, n: torch.Tensor, page_size: int, kmax: int) -> Selection:
-    """The positions of each head's pages, top [B, Hq, T] page ids (``top_pages``), for rows of n [B]
-    tokens in slots 0..n-1: ascending indices [B, Hq, kmax], counts [B, Hq]. Sorted, the existing
-    pages come first (the current one, the highest existing page, last of them), so the live
-    positions, those < n, are a prefix; entries past it repeat position n-1."""
-    b, hq, _ = top.shape
-    pages = top.sort(dim=-1).values
-    offsets = torch.arange(page_size, device=top.device)
-    positions = (pages.unsqueeze(-1) * page_size + offsets).flatten(-2)[..., :kmax]
-    n = n.long().view(b, 1, 1)
-    live = positions < n
-    indices = torch.where(live, positions, (n - 1).clamp(min=0))
-    return Selection(indices=indices, counts=live.sum(-1).to(torch.int32))
+        b = k.shape[0]
+        ops.quest_fold(self.lo[:b], self.hi[:b], k, lengths, self.page_size)
 
 
 @register
@@ -161,8 +123,9 @@ class Quest(Method):
         cache.state.update(cache.k, cache.lengths)
 
     def fast_select(self, cfg, q, cache):
-        """From the page bounds alone: the same fp32 page scores as ``select`` (``page_scores`` on the
-        same values, over the same ceil(L/P) pages), the same top pages, the positions built from them."""
+        """From the page bounds alone: the same fp32 page scores as ``select`` (``ops.quest_page_scores``
+        on the same values in the same dtype, over the same ceil(L/P) pages), the same top pages, the
+        positions built from them. On CUDA: four kernels a layer (fold, scores, top-k, positions)."""
         state = cache.state
         if not isinstance(state, QuestState) or cache.lengths is None or state.page_size != cfg.page_size:
             return None
@@ -170,7 +133,8 @@ class Quest(Method):
         num_pages = -(-length // p)
         if num_pages > state.lo.shape[2]:
             return None
-        scores = page_scores(q, state.lo[:b, :, :num_pages], state.hi[:b, :, :num_pages])
-        top, _ = top_pages(scores, cache.lengths, cfg.budget, p)
+        scores = ops.quest_page_scores(q, state.lo[:b, :, :num_pages], state.hi[:b, :, :num_pages], cache.lengths, p)
+        top = top_pages(scores, cfg.budget, p)
         kmax = min(-(-cfg.budget // p) * p, length)
-        return selection_from_pages(top, cache.lengths, p, kmax)
+        indices, counts = ops.quest_page_positions(top, cache.lengths, p, kmax)
+        return Selection(indices=indices, counts=counts)

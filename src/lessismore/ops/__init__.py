@@ -47,3 +47,34 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None,
 
         return topk.topk_desc(scores, k, lengths)
     return naive.topk_desc(scores, k, lengths)
+
+
+def quest_fold(lo, hi, k, lengths, page_size: int, triton: bool | None = None) -> None:
+    """Quest's page bounds lo, hi [b, Hkv, NP, D] take slot n-2 of each row of k (in place)."""
+    if _pick(k, triton):
+        from lessismore.ops import quest
+
+        return quest.quest_fold(lo, hi, k, lengths, page_size)
+    return naive.quest_fold(lo, hi, k, lengths, page_size)
+
+
+def quest_page_scores(q, lo, hi, lengths, page_size: int, triton: bool | None = None) -> torch.Tensor:
+    """Quest's page scores [B, Hq, NP] fp32: the current page +inf, pages past it -inf."""
+    if _pick(q, triton):
+        from lessismore.ops import quest
+
+        return quest.quest_page_scores(q, lo, hi, lengths, page_size)
+    return naive.quest_page_scores(q, lo, hi, lengths, page_size)
+
+
+def quest_page_positions(top, lengths, page_size: int, kmax: int, triton: bool | None = None):
+    """Each head's pages top [B, Hq, T] as ascending positions: (indices [B, Hq, kmax], counts [B, Hq]).
+    The kernel holds a head's pages and their slots in registers; a selection too large for that
+    (more than ``quest.POSITIONS_MAX_TILE`` slots once padded: budgets past ~8K) takes the reference,
+    which gives the same result."""
+    if _pick(top, triton):
+        from lessismore.ops import quest
+
+        if quest.positions_fit(top.shape[-1], page_size):
+            return quest.quest_page_positions(top, lengths, page_size, kmax)
+    return naive.quest_page_positions(top, lengths, page_size, kmax)

@@ -89,3 +89,49 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None)
     # + 0.0 turns -0.0 into +0.0, so the two zeros tie on every device's sort.
     indices = torch.sort(masked + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]
     return masked.gather(-1, indices), indices
+
+
+# ---- Quest's decode-step selection (references of ops.quest) ----------------------------------------
+
+
+def quest_fold(lo: torch.Tensor, hi: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, page_size: int) -> None:
+    """In place: the page bounds lo, hi [b, Hkv, NP, D] take slot n-2 of k [b, Hkv, L, D] for the rows
+    with n = lengths[row] >= 2 (the others unchanged)."""
+    b, hkv, _, d = k.shape
+    n = lengths.long()
+    slot = (n - 2).clamp(min=0).view(b, 1, 1, 1)
+    key = k.gather(2, slot.expand(b, hkv, 1, d)).to(lo.dtype)
+    page = (slot // page_size).expand(b, hkv, 1, d)
+    live = (n >= 2).view(b, 1, 1, 1)
+    for bounds, fold in ((lo, torch.minimum), (hi, torch.maximum)):
+        now = bounds.gather(2, page)
+        bounds.scatter_(2, page, torch.where(live, fold(now, key), now))
+
+
+def quest_page_scores(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, lengths: torch.Tensor,
+                      page_size: int) -> torch.Tensor:
+    """[B, Hq, NP] fp32: sum_d max(q_d*lo_d, q_d*hi_d) for query head h against KV head h // (Hq/Hkv)'s
+    page bounds lo, hi [B, Hkv, NP, D], i.e. max(q, 0).hi + min(q, 0).lo (lo <= hi): two batched
+    matrix products. The current page (the last of ceil(n/P), n = lengths[b]) scores +inf, pages past
+    it -inf."""
+    b, hq, d = q.shape
+    hkv, num_pages = lo.shape[1], lo.shape[2]
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    bound = qg.clamp(min=0) @ hi.float().transpose(-1, -2) + qg.clamp(max=0) @ lo.float().transpose(-1, -2)
+    bound = bound.reshape(b, hq, num_pages)
+    used = (-(-lengths.long() // page_size)).view(b, 1, 1)
+    page = torch.arange(num_pages, device=q.device)
+    bound = bound.masked_fill(page >= used, float("-inf"))
+    return bound.masked_fill(page == used - 1, float("inf"))
+
+
+def quest_page_positions(top: torch.Tensor, lengths: torch.Tensor, page_size: int, kmax: int):
+    """Each head's pages top [B, Hq, T] as positions: sorted ascending, expanded to their P slots, cut
+    at kmax; positions >= n = lengths[b] become n-1 and are not counted. Returns (indices int64
+    [B, Hq, kmax], counts int32 [B, Hq])."""
+    b = top.shape[0]
+    pages = top.long().sort(dim=-1).values
+    positions = (pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=top.device)).flatten(-2)[..., :kmax]
+    n = lengths.long().view(b, 1, 1)
+    live = positions < n
+    return torch.where(live, positions, (n - 1).clamp(min=0)), live.sum(-1).to(torch.int32)
