@@ -464,7 +464,9 @@ def main():
     args.reference = []
     if args.full_from:
         with open(args.full_from) as f:
-            args.reference = [p for p in json.load(f).get("points", []) if p.get("method") == "full"]
+            data = json.load(f)  # a run's JSON, or one of several runs ("runs": [run, ...])
+        points = data.get("points", []) + [p for run in data.get("runs", []) for p in run.get("points", [])]
+        args.reference = [p for p in points if p.get("method") == "full"]
     t_start = T_START
     global DEV
     if args.smoke:
