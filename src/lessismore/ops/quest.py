@@ -4,7 +4,7 @@
 The PyTorch path runs ~60 small kernels per sparse layer (gathers, casts, masked fills, two sorts),
 launch-bound at any context: on the H200 at B=8 and ~600 tokens of context Quest's step took 11.05 ms
 against LessIsMore's 5.58 (2,625 kernels a step against 509). Here a layer is four launches: fold,
-scores, the shared Triton top-k, positions.
+scores, the shared Triton top-k, positions (821 kernels, 7.15 ms; docs/performance.md).
 
 * ``quest_fold``: slot n-2 of each row folded into its page's key min and max (exact: min and max of
   values of the bounds' dtype).
