@@ -1,7 +1,8 @@
 """Decode-attention ops. Each Triton kernel has a PyTorch reference beside it in ``naive`` with the
 same contract; they are tested against each other. ``triton_usable`` is the package's one answer to
 "does this tensor take the Triton path?": Triton is installed and the tensor is on a CUDA device (the
-CPU tests run the kernels directly, under Triton's interpreter)."""
+CPU tests run the kernels directly, under Triton's interpreter). ``linear`` is decode's skinny GEMM
+(``ops.skinny``) beside ``F.linear``."""
 from __future__ import annotations
 
 import importlib.util
@@ -78,3 +79,16 @@ def quest_page_positions(top, lengths, page_size: int, kmax: int, triton: bool |
         if quest.positions_fit(top.shape[-1], page_size):
             return quest.quest_page_positions(top, lengths, page_size, kmax)
     return naive.quest_page_positions(top, lengths, page_size, kmax)
+
+
+def linear(x, weight, bias=None, triton: bool | None = None) -> torch.Tensor:
+    """x @ weight^T + bias (``F.linear``'s contract, x's dtype). The Triton kernel (``skinny``) takes
+    decode's skinny inputs only: x [M, K] with M <= ``skinny.MAX_M`` (64) and weight of unit stride
+    over K; anything else (more rows, more dimensions, a transposed weight) takes the reference,
+    ``F.linear``."""
+    if _pick(x, triton) and x.dim() == 2 and weight.dim() == 2 and weight.stride(-1) == 1:
+        from lessismore.ops import skinny
+
+        if x.shape[0] <= skinny.MAX_M:
+            return skinny.skinny_linear(x, weight, bias)
+    return naive.linear(x, weight, bias)

@@ -135,3 +135,13 @@ def quest_page_positions(top: torch.Tensor, lengths: torch.Tensor, page_size: in
     n = lengths.long().view(b, 1, 1)
     live = positions < n
     return torch.where(live, positions, (n - 1).clamp(min=0)), live.sum(-1).to(torch.int32)
+
+
+# ---- decode's linear layers (reference of ops.skinny) -----------------------------------------------
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias [N]) -> [..., N] in x's dtype: ``F.linear`` on the inputs
+    as given (no upcast), so on a GPU this is cuBLAS with its own fp32 accumulation, and on CPU
+    PyTorch's kernels: the engine's prefill and every product the kernel does not take."""
+    return torch.nn.functional.linear(x, weight, bias)
