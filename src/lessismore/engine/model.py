@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lessismore import ops
 from lessismore.decode import DecodeCache, DecodeExecutor
 from lessismore.engine.kernels import add_rmsnorm, qk_norm_rope_store, silu_mul
 
@@ -254,7 +255,10 @@ def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> Weights:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight, bias)
+    """Decode's skinny products (<= 64 rows, on CUDA) take ``ops.skinny`` (it streams the weights at
+    1.02-1.14x cuBLAS's rate at Qwen3-8B's o, down, gate_up and lm_head shapes and ~0.96x at
+    qkv, H200: benchmarks/results/linear-h200.json); the rest F.linear."""
+    return ops.linear(x, weight, bias)
 
 
 class Model:
