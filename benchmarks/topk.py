@@ -10,7 +10,8 @@ is the median over CUDA-graph replays, each replay running ``--inner`` calls bac
 input sets that together exceed the L2, so no call finds its row in L2 from the call before. Before
 timing, every case is checked against ``naive.topk_desc`` (values bit for bit, indices equal).
 ``breakdown`` splits one call's device time by kernel (torch profiler); ``--sweep`` also times the
-tuning knobs of ``topk_desc`` at B = 32, L = 32K.
+tuning knobs of ``topk_desc`` at B = 32, L = 32K. ``positions``: ``topk_positions`` at TidalDecode's
+k = 2047 against the top-k then a sort (previous group count, current, torch.topk).
 """
 from __future__ import annotations
 
@@ -130,16 +131,36 @@ def main(argv=None):
     if args.sweep and device == "cuda":
         inputs = make_sets(32, HEADS, 32768, False, 2, device)
         results["sweep"] = []
-        knobs = [{}, {"num_warps": 8}, {"fused_sort": False, "num_warps": 8}, {"fused_sort": False}]
+        knobs = [{}, {"group": 4096}, {"group": 8192}, {"num_warps": 8}, {"fused_sort": False}]
         for tuning in knobs:
             t = time_calls(lambda j: topk.topk_desc(inputs[j][0], K, inputs[j][1], **tuning), 2, args.reps,
                            args.inner, device)
             results["sweep"].append({"tuning": tuning, "triton_s": t})
             print(f"sweep {tuning}: {t * 1e6:.1f} us", flush=True)
+    if device == "cuda":
+        # TidalDecode's selection: each head's top K-1 = 2047 as an ascending set.
+        results["positions"] = []
+        for b, length in [(8, 16384), (32, 16384), (32, 32768)]:
+            inputs = make_sets(b, heads, length, False, max(2, -(-3 * L2_BYTES // (b * heads * length * 4))), device)
+            sets = len(inputs)
+            row = {"B": b, "H": heads, "L": length, "k": 2047, "exact": all(
+                torch.equal(topk.topk_positions(s, 2047), naive.topk_positions(s, 2047)) for s, _ in inputs[:2])}
+            row["topk_positions_s"] = time_calls(lambda j: topk.topk_positions(inputs[j][0], 2047), sets, args.reps,
+                                                 args.inner, device)
+            row["topk_desc_then_torch_sort_s"] = time_calls(
+                lambda j: topk.topk_desc(inputs[j][0], 2047)[1].sort(dim=-1).values, sets, args.reps, args.inner, device)
+            row["groups_2048_then_torch_sort_s"] = time_calls(  # the previous default
+                lambda j: topk.topk_desc(inputs[j][0], 2047, group=2048)[1].sort(dim=-1).values, sets, args.reps,
+                args.inner, device)
+            row["torch_topk_then_sort_s"] = time_calls(
+                lambda j: inputs[j][0].topk(2047, dim=-1).indices.sort(dim=-1).values, sets, args.reps, args.inner,
+                device)
+            results["positions"].append(row)
+            print("positions", {k: (round(v * 1e6, 1) if k.endswith("_s") else v) for k, v in row.items()}, flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")
-    if not all(row["exact"] for row in results["grid"]):
+    if not all(row["exact"] for row in results["grid"] + results.get("positions", [])):
         sys.exit("MISMATCH against naive.topk_desc")
 
 

@@ -25,12 +25,17 @@ if ON_GPU:
 
 
 def assert_same(scores, k, lengths=None, **tuning):
+    """topk_desc and topk_positions against the reference. Unless the tuning says, topk_desc sorts in
+    the top-k kernel (the default) and topk_positions with torch.sort."""
     values, indices = topk.topk_desc(scores, k, lengths, **tuning)
     ref_values, ref_indices = naive.topk_desc(scores, k, lengths)
     assert values.dtype == torch.float32 and indices.dtype == torch.int64
     assert values.shape == indices.shape == (*scores.shape[:-1], min(k, scores.shape[-1]))
     assert torch.equal(indices, ref_indices), f"indices differ at {(indices != ref_indices).nonzero()[:5].tolist()}"
     assert torch.equal(values.view(torch.int32), ref_values.view(torch.int32)), "values differ"
+    positions = topk.topk_positions(scores, k, lengths, **{"fused_sort": False, **tuning})
+    assert positions.dtype == torch.int64
+    assert torch.equal(positions, naive.topk_positions(scores, k, lengths)), "positions differ"
 
 
 def randn(*shape):
@@ -104,7 +109,8 @@ def test_overflow_path(data):
 
 def test_tuning_does_not_change_results():
     s = randn(2, 2, 3000)
-    tunings = ({"gm_stop": 0}, {"gm_stop": 24, "gm_rows": 1}, {"block": 1024, "num_warps": 4}, {"fused_sort": False})
+    tunings = ({"gm_stop": 0}, {"gm_stop": 24, "gm_rows": 1}, {"block": 1024, "num_warps": 4},
+               {"group": 512, "cap": 2048}, {"group": 4096}, {"fused_sort": False}, {"fused_sort": True})
     for tuning in tunings:
         assert_same(s, 500, **tuning)
 
@@ -122,6 +128,8 @@ def test_edge_arguments():
     assert_same(s.double(), 7)  # upcast to fp32, as the reference does
     with pytest.raises(ValueError):
         topk.topk_desc(s.int(), 5)
+    with pytest.raises(ValueError, match="group"):
+        topk.topk_desc(s, 50, group=32)  # fewer groups than k
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
@@ -129,13 +137,16 @@ def test_cuda_graph_capture():
     s = randn(8, 32, 16384)
     lengths = torch.randint(1, 16384, (8,), device=DEVICE)
     topk.topk_desc(s, 1536, lengths)  # compile outside the capture
+    topk.topk_positions(s, 1536, lengths, fused_sort=False)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         values, indices = topk.topk_desc(s, 1536, lengths)
+        positions = topk.topk_positions(s, 1536, lengths, fused_sort=False)
     for _ in range(2):
         s.copy_(randn(8, 32, 16384))
         lengths.copy_(torch.randint(1, 16384, (8,), device=DEVICE))
         graph.replay()
         ref_values, ref_indices = naive.topk_desc(s, 1536, lengths)
         assert torch.equal(indices, ref_indices)
+        assert torch.equal(positions, naive.topk_positions(s, 1536, lengths))
         assert torch.equal(values.view(torch.int32), ref_values.view(torch.int32))

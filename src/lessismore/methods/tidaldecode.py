@@ -44,7 +44,7 @@ def selection_from_scores(scores: torch.Tensor, lengths: torch.Tensor, budget: i
     slot = torch.arange(kmax, device=scores.device)
     whole = torch.where(slot < n, slot, torch.full_like(slot, length - 1))  # [B, 1, kmax]
     if budget > 1 and length > 1:
-        top = ops.topk_desc(scores, min(budget - 1, length), lengths, triton=kernels)[1].sort(dim=-1).values
+        top = ops.topk_positions(scores, min(budget - 1, length), lengths, triton=kernels)
         top = torch.cat([top, (n - 1).expand(b, h, 1)], dim=-1)[..., :kmax]
     else:
         top = (n - 1).expand(b, h, kmax)

@@ -50,6 +50,15 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None,
     return naive.topk_desc(scores, k, lengths)
 
 
+def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, triton: bool | None = None):
+    """The positions of ``topk_desc``'s k entries, ascending (int64): a per-head set."""
+    if _pick(scores, triton):
+        from lessismore.ops import topk
+
+        return topk.topk_positions(scores, k, lengths)
+    return naive.topk_positions(scores, k, lengths)
+
+
 def quest_fold(lo, hi, k, lengths, page_size: int, triton: bool | None = None) -> None:
     """Quest's page bounds lo, hi [b, Hkv, NP, D] take slot n-2 of each row of k (in place)."""
     if _pick(k, triton):

@@ -91,6 +91,11 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None)
     return masked.gather(-1, indices), indices
 
 
+def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The positions of ``topk_desc``'s k entries (the same set, the same tie rule), ascending: int64 [..., k]."""
+    return topk_desc(scores, k, lengths)[1].sort(dim=-1).values
+
+
 # ---- Quest's decode-step selection (references of ops.quest) ----------------------------------------
 
 

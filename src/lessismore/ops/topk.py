@@ -21,7 +21,8 @@ read) and finds the kk = min(k, n) survivors:
    [K_PAD] workspace; rows shorter than k get positions n, n+1, ... as -inf.
 6. a bitonic ``tl.sort`` of the composites, descending = (score desc, position asc), decoded into
    values and int64 indices. With ``fused_sort=False`` (default only for k > 8192) ``torch.sort`` does
-   this step instead.
+   this step instead. ``topk_positions`` (a per-head set, TidalDecode's) stores 2^31 - 1 - position
+   instead and sorts it as int32: the positions ascending, for half the data the sort moves.
 
 A buffer that overflows (more than ``cap`` candidates: heavy ties, say) is not an error: steps 4-5 then
 read the row itself (slower, same result). No host synchronization and fixed shapes: every loop bound
@@ -32,7 +33,10 @@ a CUDA graph. Workspace per call (allocated by the call): [rows, cap] fp32 + int
 On the H200 (benchmarks/topk.py; B=32, H=32, L=32K, k=1536) the kernel takes ~290 us against
 torch.topk's ~530 us. Measured by stage (8 warps): step 1 ~32 us (one read of the 128 MB at copy
 speed), step 2 ~8 us, step 3 ~58 us, steps 4-5 ~85 us, the fused sort ~150 us; torch.sort of the
-survivors costs about as much (int64 141 us; int32 stable 72 us). The sort is the largest single cost.
+survivors costs about as much (int64 141 us; int32 stable 72 us). The sort is the largest single cost;
+a kernel of its own sorting 1-4 rows per program measured 356-501 us in all (against 287 fused).
+TidalDecode's k = 2047 as positions (``topk_positions``, B=32, L=16K): 215 us, against 882 us for the
+previous group count's top-k then torch.sort and 435 us for torch.topk then torch.sort.
 """
 from __future__ import annotations
 
@@ -109,9 +113,12 @@ def _count(t, keys, s_row, n, over, tile, STEP: tl.constexpr, STRICT: tl.constex
 
 
 @triton.jit
-def _composite(key, pos, x):
+def _composite(key, pos, x, BY_POS: tl.constexpr):
     """int64 whose descending order is (key descending, position ascending), unique per position:
-    key << 32 | (2^31 - 1 - pos) << 1 | (x is -0.0), the last bit so that the value decodes bit-exact."""
+    key << 32 | (2^31 - 1 - pos) << 1 | (x is -0.0), the last bit so that the value decodes bit-exact.
+    BY_POS: 2^31 - 1 - pos alone (descending = position ascending; it fits in int32)."""
+    if BY_POS:
+        return (2147483647 - pos).to(tl.int64)
     neg_zero = (x.to(tl.int32, bitcast=True) == -2147483648).to(tl.int64)
     return (key.to(tl.int64) << 32) | ((2147483647 - pos).to(tl.int64) << 1) | neg_zero
 
@@ -130,11 +137,23 @@ def _decode(c):
     return _unkey((c >> 32).to(tl.int32), (low & 1) == 1), 2147483647 - (low >> 1)
 
 
+@triton.jit
+def _sorted_store(comp, val_ptr, idx_ptr, mask, BY_POS: tl.constexpr):
+    """Sort composites along the last dimension (descending) and store them decoded: values and
+    positions, or (BY_POS) the positions alone, as int32 keys (half the data the sort moves)."""
+    if BY_POS:
+        tl.store(idx_ptr, 2147483647 - tl.sort(comp.to(tl.int32), descending=True).to(tl.int64), mask=mask)
+    else:
+        value, pos = _decode(tl.sort(comp, descending=True))
+        tl.store(val_ptr, value, mask=mask)
+        tl.store(idx_ptr, pos, mask=mask)
+
+
 @triton.jit(do_not_specialize=["K", "row_len", "cap"])
 def _topk_kernel(
     S, LEN, CV, CP, COMP, VAL, IDX, L, row_len, K, rows_per_len, cap,
     HAS_LEN: tl.constexpr, M: tl.constexpr, R: tl.constexpr, TW: tl.constexpr, E: tl.constexpr,
-    CE: tl.constexpr, K_PAD: tl.constexpr, GM_STOP: tl.constexpr, SORT: tl.constexpr,
+    CE: tl.constexpr, K_PAD: tl.constexpr, GM_STOP: tl.constexpr, SORT: tl.constexpr, BY_POS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n = L
@@ -250,61 +269,60 @@ def _topk_kernel(
             key = _key(x)
             sel = (offs < n) & ((key > thr) | ((key == thr) & (offs <= p_tie)))
             slot, total = _slots(sel.to(tl.int32))
-            tl.store(comp_row + n_sel + slot, _composite(key, offs, x), mask=sel)
+            tl.store(comp_row + n_sel + slot, _composite(key, offs, x, BY_POS), mask=sel)
             n_sel += total
     else:
         sel = live & ((keys > thr) | ((keys == thr) & (poss <= p_tie)))
         slot, total = _slots(sel.to(tl.int32))
-        tl.store(comp_row + slot, _composite(keys, poss, xs), mask=sel)
+        tl.store(comp_row + slot, _composite(keys, poss, xs, BY_POS), mask=sel)
     # Rows shorter than k (kk = n): slots n..k-1 hold positions n..k-1, which count as -inf; slots
     # k..K_PAD-1 hold the smallest int64, which sorts last.
     for start in range(kk, K_PAD, TW):
         j = start + tl.arange(0, TW)
-        pad = _composite(tl.full([TW], _NEG_INF, tl.int32), j, tl.full([TW], float("-inf"), tl.float32))
+        pad = _composite(tl.full([TW], _NEG_INF, tl.int32), j, tl.full([TW], float("-inf"), tl.float32), BY_POS)
         tl.store(comp_row + j, tl.where(j < K, pad, tl.full([TW], _NONE, tl.int64) << 32), mask=j < K_PAD)
 
     # 6. Sorted (descending composite = score descending, position ascending), decoded.
     if SORT:
         tl.debug_barrier()
         j = tl.arange(0, K_PAD)
-        value, pos = _decode(tl.sort(tl.load(comp_row + j), descending=True))
-        tl.store(VAL + row * K + j, value, mask=j < K)
-        tl.store(IDX + row * K + j, pos, mask=j < K)
+        _sorted_store(tl.load(comp_row + j), VAL + row * K + j, IDX + row * K + j, j < K, BY_POS)
 
 
 def default_cap(k: int, length: int) -> int:
-    """Candidate slots per row: 2x k's power of two (continuous data needs ~1.8 k), at most the row."""
+    """Candidate slots per row: 2x k's power of two (continuous data with the default groups needs
+    ~1.1-1.3 k), at most the row."""
     return min(length, 32768, max(1024, 2 * triton.next_power_of_2(k)))
 
 
-def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, *, cap: int | None = None,
-              fused_sort: bool | None = None, gm_stop: int = 16, gm_rows: int = 4, block: int = 4096,
-              num_warps: int = 16):
-    """``naive.topk_desc`` (same arguments, same results) for scores [..., L] on CUDA, or on CPU under
-    the Triton interpreter; fp32 (other float dtypes are upcast first, as the reference does).
-    Returns (values fp32 [..., k], indices int64 [..., k]); k > L gives all L.
+def default_group(k: int, length: int) -> int:
+    """Step 1's group count M: the power of two >= 4k/3 (at least 1024), at most the row's power of
+    two. The bound is the kk-th largest of M group maxima, so M close to k makes it loose: for Gaussian
+    scores in a 32K-slot row, k = 2047 has ~5.8 k candidates at M = 2048 (an overflow every time) and
+    ~1.3 k at 4096; k = 1536 has ~1.8 k at M = 2048. More groups than that cost more in steps 1-2 than
+    they save (H200, k = 1536: 288 us at M = 2048, 342 us at 8192)."""
+    return max(16, min(triton.next_power_of_2(length), max(1024, triton.next_power_of_2(-(-4 * k // 3)))))
 
-    lengths (scores.shape[0] ints, int32 or int64): row b's candidates are positions < lengths[b].
-    Tuning (results do not depend on it): cap, candidate slots per row (default ``default_cap``; held in
-    registers in step 4, so keep it to a few thousand; at most 65535); fused_sort, sort inside the
-    kernel (default: when k <= 8192) or else with torch.sort; gm_stop, low bits the bound of step 2
-    leaves out; gm_rows, rows of M slots per load of step 1; block, slots per tile of steps 3 and 5;
-    num_warps (16 measured fastest on the H200: 288 us against 335 at 8 and 473 at 4).
-    """
-    length = scores.shape[-1]
+
+def _check(scores, k, lengths):
     if k < 0:
         raise ValueError(f"k={k} < 0")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
     if lengths is not None and (scores.dim() < 2 or lengths.numel() != scores.shape[0]):
         raise ValueError("lengths: one entry per scores.shape[0] row, for scores of 2+ dimensions")
+
+
+def _launch(scores, k, lengths, by_position, cap, fused_sort, group, gm_stop, gm_rows, block, num_warps):
+    """The kernels behind topk_desc and topk_positions; returns (values or None, indices)."""
+    length = scores.shape[-1]
     k = min(k, length)
     scores = scores.float()  # a no-op for fp32
     if lengths is not None:
         lengths = lengths.reshape(-1)
     lead = scores.shape[:-1]
     device = scores.device
-    values = torch.empty((*lead, k), device=device, dtype=torch.float32)
+    values = None if by_position else torch.empty((*lead, k), device=device, dtype=torch.float32)
     indices = torch.empty((*lead, k), device=device, dtype=torch.int64)
     if k == 0 or scores.numel() == 0:
         return values, indices
@@ -313,29 +331,69 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None,
         s = s.contiguous()
     rows = s.shape[0]
     cap = default_cap(k, length) if cap is None else max(1, min(int(cap), length, 65535))
+    group = default_group(k, length) if group is None else group
+    if group < k or group & (group - 1):
+        raise ValueError(f"group={group}: a power of two >= k={k}")
     k_pad = triton.next_power_of_2(k)
-    fused_sort = k_pad <= 8192 if fused_sort is None else fused_sort
-    group = max(16, min(triton.next_power_of_2(length), max(1024, k_pad)))
+    fused_sort = k_pad <= 8192 if fused_sort is None else fused_sort  # past that: torch.sort
     threads = 32 * num_warps  # the tiles of steps 3-5 have one row per thread
     cand_val = torch.empty((rows, cap), device=device, dtype=torch.float32)
     cand_pos = torch.empty((rows, cap), device=device, dtype=torch.int32)
     comp = torch.empty((rows, k_pad), device=device, dtype=torch.int64)
     has_len = lengths is not None
+    out_values = indices if values is None else values  # an unused pointer when by_position
     _topk_kernel[(rows,)](
-        s, lengths if has_len else s, cand_val, cand_pos, comp, values, indices, length, length, k,
+        s, lengths if has_len else s, cand_val, cand_pos, comp, out_values, indices, length, length, k,
         rows // scores.shape[0] if has_len else 1, cap,
-        HAS_LEN=has_len, M=group, R=gm_rows, TW=threads, E=max(1, block // threads),
-        CE=max(1, triton.next_power_of_2(cap) // threads), K_PAD=k_pad, GM_STOP=gm_stop, SORT=fused_sort,
-        num_warps=num_warps,
+        HAS_LEN=has_len, M=group, R=gm_rows or max(1, 8192 // group),
+        TW=threads, E=max(1, block // threads), CE=max(1, triton.next_power_of_2(cap) // threads), K_PAD=k_pad,
+        GM_STOP=gm_stop, SORT=fused_sort, BY_POS=by_position, num_warps=num_warps,
     )
-    if not fused_sort:  # the same decoding as _decode, in torch
-        c = torch.sort(comp, dim=-1, descending=True).values[:, :k]
-        key = (c >> 32).to(torch.int32)
-        low = c & 0xFFFFFFFF
-        bits = torch.where((low & 1) == 1, -2147483648, key ^ ((key >> 31) & 0x7FFFFFFF))
-        values.copy_(bits.to(torch.int32).view(torch.float32).view(*lead, k))
-        indices.copy_((2147483647 - (low >> 1)).view(*lead, k))
+    if fused_sort:
+        return values, indices
+    c = torch.sort(comp, dim=-1, descending=True).values[:, :k]  # the same decoding as _decode, in torch
+    if by_position:
+        indices.copy_((2147483647 - c).view(*lead, k))
+        return values, indices
+    key = (c >> 32).to(torch.int32)
+    low = c & 0xFFFFFFFF
+    bits = torch.where((low & 1) == 1, -2147483648, key ^ ((key >> 31) & 0x7FFFFFFF))
+    values.copy_(bits.to(torch.int32).view(torch.float32).view(*lead, k))
+    indices.copy_((2147483647 - (low >> 1)).view(*lead, k))
     return values, indices
 
 
-__all__ = ["topk_desc", "default_cap", "INTERPRETED"]
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, *, cap: int | None = None,
+              fused_sort: bool | None = None, group: int | None = None, gm_stop: int = 16, gm_rows: int | None = None, block: int = 4096,
+              num_warps: int = 16):
+    """``naive.topk_desc`` (same arguments, same results) for scores [..., L] on CUDA, or on CPU under
+    the Triton interpreter; fp32 (other float dtypes are upcast first, as the reference does).
+    Returns (values fp32 [..., k], indices int64 [..., k]); k > L gives all L.
+
+    lengths (scores.shape[0] ints, int32 or int64): row b's candidates are positions < lengths[b].
+    Tuning (results do not depend on it): cap, candidate slots per row (default ``default_cap``; held in
+    registers in step 4, so keep it to a few thousand; at most 65535); fused_sort, sort inside the
+    kernel (default: when k <= 8192; a kernel of its own sorting 1-4 rows per program measured slower)
+    or else with torch.sort; group, step 1's M (default ``default_group``); gm_stop,
+    low bits the bound of step 2 leaves out; gm_rows, rows of M slots per load of step 1 (default:
+    8192 slots a load); block, slots per tile of steps 3 and 5; num_warps (16 measured fastest on the H200: 288
+    us against 335 at 8 and 473 at 4).
+    """
+    _check(scores, k, lengths)
+    return _launch(scores, k, lengths, False, cap, fused_sort, group, gm_stop, gm_rows, block, num_warps)
+
+
+def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, **tuning) -> torch.Tensor:
+    """``naive.topk_positions``: the positions of ``topk_desc``'s k entries, ascending (int64 [..., k]).
+    The same kernel, sorting 32-bit positions instead of 64-bit (score, position) pairs. Tuning as
+    ``topk_desc``'s."""
+    _check(scores, k, lengths)
+    defaults = dict(cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None, block=4096, num_warps=16)
+    unknown = set(tuning) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown tuning {sorted(unknown)}")
+    defaults.update(tuning)
+    return _launch(scores, k, lengths, True, **defaults)[1]
+
+
+__all__ = ["topk_desc", "topk_positions", "default_cap", "default_group", "INTERPRETED"]
