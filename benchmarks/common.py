@@ -308,6 +308,25 @@ KERNEL_GROUPS = [
 ]
 
 
+def kernels_per_call(call, calls: int = 5) -> dict[str, tuple[float, float]]:
+    """{kernel name: (launches, device µs)} per call of ``call()`` on the GPU: the torch profiler over
+    ``calls`` calls, after one unprofiled call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    per: dict[str, tuple[float, float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            launches, us = per.get(e.name, (0.0, 0.0))
+            per[e.name] = (launches + 1 / calls, us + e.device_time / calls)
+    return per
+
+
 def device_events(prof, on_gpu: bool) -> list[tuple[str, int, int]]:
     """(name, start_ns, end_ns) of the GPU's kernels, copies and sets from a finished
     ``torch.profiler.profile``. Without a GPU (smoke runs) the host's operators stand in, so the

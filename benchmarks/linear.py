@@ -95,7 +95,7 @@ def main(argv=None):
             sys.exit("no GPU: only --smoke runs here (through the Triton interpreter)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
     # here: common imports the engine and so the kernels, after TRITON_INTERPRET is set
-    from common import copy_bandwidth, environment, graph_seconds_per_call, write_json
+    from common import copy_bandwidth, environment, graph_seconds_per_call, kernels_per_call, write_json
 
     import torch.nn.functional as F
 
@@ -132,21 +132,8 @@ def main(argv=None):
         if device == "cpu":
             return None
         try:
-            from torch.profiler import ProfilerActivity, profile
-
-            call()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    call()
-                torch.cuda.synchronize()
-            per = {}
-            for e in prof.events():
-                if e.device_type.name == "CUDA":
-                    entry = per.setdefault(e.name[:90], [0, 0.0])
-                    entry[0] += 1 / 3
-                    entry[1] += e.device_time / 3
-            return {name: [round(c, 2), round(us, 2)] for name, (c, us) in per.items()}
+            per = kernels_per_call(call, calls=3)
+            return {name[:90]: [round(c, 2), round(us, 2)] for name, (c, us) in per.items()}
         except Exception as err:  # the profiler is a side show: never fail the run over it
             return {"error": repr(err)[:200]}
 

@@ -67,19 +67,10 @@ def breakdown(call, device):
     """Device microseconds per kernel name over one call (profiler), largest first."""
     if device == "cpu":
         return {}
-    from torch.profiler import ProfilerActivity, profile
+    from common import kernels_per_call
 
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            call()
-        torch.cuda.synchronize()
-    per = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            per[e.name] = per.get(e.name, 0.0) + e.device_time / 5
-    return dict(sorted(((n[:80], round(t, 2)) for n, t in per.items()), key=lambda kv: -kv[1]))
+    per = kernels_per_call(call)
+    return dict(sorted(((n[:80], round(us, 2)) for n, (_, us) in per.items()), key=lambda kv: -kv[1]))
 
 
 def main(argv=None):
