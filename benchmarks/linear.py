@@ -6,7 +6,7 @@
 Workload: out[M, N] = x[M, K] @ W[N, K]^T in bf16 (fp32 accumulation) at Qwen3-8B's decode shapes
 (qkv, o, gate_up, down, lm_head) for M = 1, 8, 16, 32. Per shape and M:
 
-* ``F.linear``: torch.nn.functional.linear (cuBLAS), the engine's ``linear`` today;
+* ``F.linear``: torch.nn.functional.linear (cuBLAS), the engine's decode products before ``ops.skinny``;
 * ``mm_t``: torch.mm(W, x.t()).t() (cuBLAS on the transposed problem);
 * ``skinny_default``: skinny_linear with ``default_config``;
 * ``skinny_best_m8`` / ``skinny_best_m32``: the fastest configs of a sweep (block_n x block_k x split_k

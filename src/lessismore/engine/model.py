@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from lessismore import ops
 from lessismore.decode import DecodeCache, DecodeExecutor
 from lessismore.engine.kernels import add_rmsnorm, qk_norm_rope_store, silu_mul
+# Decode's products (<= 64 rows, on CUDA) take ops.skinny: 1.03-1.13x cuBLAS at Qwen3-8B's o, down,
+# gate_up and lm_head shapes, ~0.96x at qkv (H200, benchmarks/results/linear-h200.json); the rest F.linear.
+from lessismore.ops import linear
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -252,13 +254,6 @@ def random_weights(cfg: ModelConfig, device, dtype, seed: int = 0) -> Weights:
     embed = torch.randn(cfg.vocab_size, h, device=device, dtype=dtype, generator=gen)
     lm_head = embed if cfg.tie_word_embeddings else mat(cfg.vocab_size, h)
     return Weights(embed=embed, layers=layers, final_norm=ones(h), lm_head=lm_head)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode's skinny products (<= 64 rows, on CUDA) take ``ops.skinny`` (it streams the weights at
-    1.02-1.14x cuBLAS's rate at Qwen3-8B's o, down, gate_up and lm_head shapes and ~0.96x at
-    qkv, H200: benchmarks/results/linear-h200.json); the rest F.linear."""
-    return ops.linear(x, weight, bias)
 
 
 class Model:

@@ -313,8 +313,10 @@ def _check(scores, k, lengths):
         raise ValueError("lengths: one entry per scores.shape[0] row, for scores of 2+ dimensions")
 
 
-def _launch(scores, k, lengths, by_position, cap, fused_sort, group, gm_stop, gm_rows, block, num_warps):
-    """The kernels behind topk_desc and topk_positions; returns (values or None, indices)."""
+def _launch(scores, k, lengths, by_position, *, cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None,
+            block=4096, num_warps=16):
+    """The kernels behind topk_desc and topk_positions, with their tuning and its defaults (see
+    ``topk_desc``); returns (values or None, indices)."""
     length = scores.shape[-1]
     k = min(k, length)
     scores = scores.float()  # a no-op for fp32
@@ -363,24 +365,22 @@ def _launch(scores, k, lengths, by_position, cap, fused_sort, group, gm_stop, gm
     return values, indices
 
 
-def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, *, cap: int | None = None,
-              fused_sort: bool | None = None, group: int | None = None, gm_stop: int = 16, gm_rows: int | None = None, block: int = 4096,
-              num_warps: int = 16):
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, **tuning):
     """``naive.topk_desc`` (same arguments, same results) for scores [..., L] on CUDA, or on CPU under
     the Triton interpreter; fp32 (other float dtypes are upcast first, as the reference does).
     Returns (values fp32 [..., k], indices int64 [..., k]); k > L gives all L.
 
     lengths (scores.shape[0] ints, int32 or int64): row b's candidates are positions < lengths[b].
-    Tuning (results do not depend on it): cap, candidate slots per row (default ``default_cap``; held in
-    registers in step 4, so keep it to a few thousand; at most 65535); fused_sort, sort inside the
-    kernel (default: when k <= 8192; a kernel of its own sorting 1-4 rows per program measured slower)
-    or else with torch.sort; group, step 1's M (default ``default_group``); gm_stop,
-    low bits the bound of step 2 leaves out; gm_rows, rows of M slots per load of step 1 (default:
-    8192 slots a load); block, slots per tile of steps 3 and 5; num_warps (16 measured fastest on the H200: 288
-    us against 335 at 8 and 473 at 4).
+    Tuning (keywords; results do not depend on it; defaults in ``_launch``): cap, candidate slots per
+    row (default ``default_cap``; held in registers in step 4, so keep it to a few thousand; at most
+    65535); fused_sort, sort inside the kernel (default: when k <= 8192; a kernel of its own sorting
+    1-4 rows per program measured slower) or else with torch.sort; group, step 1's M (default
+    ``default_group``); gm_stop (16), low bits the bound of step 2 leaves out; gm_rows, rows of M slots
+    per load of step 1 (default: 8192 slots a load); block (4096), slots per tile of steps 3 and 5;
+    num_warps (16, measured fastest on the H200: 288 us against 335 at 8 and 473 at 4).
     """
     _check(scores, k, lengths)
-    return _launch(scores, k, lengths, False, cap, fused_sort, group, gm_stop, gm_rows, block, num_warps)
+    return _launch(scores, k, lengths, False, **tuning)
 
 
 def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, **tuning) -> torch.Tensor:
@@ -388,12 +388,7 @@ def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = 
     The same kernel, sorting 32-bit positions instead of 64-bit (score, position) pairs. Tuning as
     ``topk_desc``'s."""
     _check(scores, k, lengths)
-    defaults = dict(cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None, block=4096, num_warps=16)
-    unknown = set(tuning) - set(defaults)
-    if unknown:
-        raise TypeError(f"unknown tuning {sorted(unknown)}")
-    defaults.update(tuning)
-    return _launch(scores, k, lengths, True, **defaults)[1]
+    return _launch(scores, k, lengths, True, **tuning)[1]
 
 
 __all__ = ["topk_desc", "topk_positions", "default_cap", "default_group", "INTERPRETED"]
