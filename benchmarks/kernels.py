@@ -319,19 +319,10 @@ def profile_select(fn, runs=5):
     """Device time per call of each kernel fn launches (torch profiler), largest first."""
     if DEVICE == "cpu":
         return []
-    from torch.profiler import ProfilerActivity, profile
+    from common import kernels_per_call  # here: after main() chose the device and the interpreter
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": e.key[:90], "us_per_call": us / runs, "launches_per_call": e.count / runs})
+    rows = [{"kernel": name[:90], "us_per_call": us, "launches_per_call": launches}
+            for name, (launches, us) in kernels_per_call(fn, runs).items() if us > 0]
     return sorted(rows, key=lambda r: -r["us_per_call"])[:16]
 
 
