@@ -10,7 +10,8 @@ as little as possible. Three fusions pay:
 
 Each has a PyTorch reference that follows transformers' arithmetic exactly (so the CPU engine gives the
 same greedy tokens as ``model.generate``); the Triton versions run on CUDA tensors and compute in fp32
-with one rounding at the end.
+with one rounding at the end. They take part in programmatic dependent launch (``ops.pdl``): each
+waits for the kernel before it, then lets the next one (often a GEMM prefetching its weights) launch.
 """
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from lessismore.ops import pdl
+    from lessismore.ops.pdl import prior_done
+
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, n_cols, eps, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        prior_done(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < n_cols
@@ -46,7 +52,9 @@ if HAVE_TRITON:
         qkv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr, qkw_ptr,
         eps, stride_qkv, stride_cb, stride_ch, stride_cl,
         HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        prior_done(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)  # 0..HQ-1: query heads; HQ..HQ+HKV-1: key heads (which also copy v)
         offs = tl.arange(0, HALF)
@@ -78,7 +86,8 @@ if HAVE_TRITON:
             tl.store(v_cache_ptr + off + HALF + offs, tl.load(vbase + HALF + offs))
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        prior_done(PDL)
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < inter
@@ -115,6 +124,7 @@ def add_rmsnorm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Te
         _add_rmsnorm_kernel[(residual.shape[0],)](
             residual if x is None else x, residual, weight, out, n, eps,
             HAS_ADD=x is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
+            PDL=pdl.enabled(residual), **pdl.launch_options(residual),
         )
         return out
     if x is not None:
@@ -160,6 +170,7 @@ def qk_norm_rope_store(
             qk_norm if has_norm else cos_half,
             eps, qkv.stride(0), *k_cache.stride()[:3],
             HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm, num_warps=1,
+            PDL=pdl.enabled(qkv), **pdl.launch_options(qkv),
         )
         return q
     dq, dk = num_heads * head_dim, num_kv_heads * head_dim
@@ -190,6 +201,7 @@ def silu_mul(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if use_triton(gate_up, impl):
         out = torch.empty(gate_up.shape[0], inter, device=gate_up.device, dtype=gate_up.dtype)
         block = 1024
-        _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
+            gate_up, out, inter, BLOCK=block, num_warps=4, PDL=pdl.enabled(gate_up), **pdl.launch_options(gate_up))
         return out
     return torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]

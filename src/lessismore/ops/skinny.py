@@ -18,6 +18,10 @@ kernel of its own for o and down. Here:
   writes the tile and sets the counter back to 0. The sum's order is fixed, so the result does not
   depend on which program finishes last: calls are bit-for-bit reproducible (on one device, for one
   config). One launch per call, no separate reduce kernel.
+* Under programmatic dependent launch (``ops.pdl``; Hopper and later) the programs are launched while
+  the kernel before them (a norm, SiLU, attention) still runs and wait for it before reading x.
+  Prefetching their first tiles of W into L2 before that wait was measured no faster, and slower the
+  more tiles (lm_head 28% slower at 16; docs/performance.md), so they do not.
 
 The counters are one int32 buffer per device, allocated on the first call outside graph capture and
 kept (every call leaves them at 0). So calls on one device must not overlap in time on different
@@ -33,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lessismore.ops import pdl
+from lessismore.ops.pdl import prior_done
 from lessismore.ops.triton_decode import INTERPRETED, num_sms
 
 MAX_M = 64
@@ -43,7 +49,8 @@ H200_SMS = 132
 def _skinny_kernel(X, W, BIAS, OUT, WS, CNT, M, N, K, split_len, stride_xm, stride_wn, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.arange(0, BLOCK_M)
@@ -57,6 +64,7 @@ def _skinny_kernel(X, W, BIAS, OUT, WS, CNT, M, N, K, split_len, stride_xm, stri
     w_ptrs = (W + (pid_n * BLOCK_N).to(tl.int64) * stride_wn + tl.arange(0, BLOCK_N)[:, None] * stride_wn
               + (k_lo + kk)[None, :])
     x_ptrs = X + m[:, None] * stride_xm + (k_lo + kk)[None, :]
+    prior_done(PDL)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -224,7 +232,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         SPLIT=split_k > 1, SWAP=bool(swap_ab), HAS_BIAS=bias is not None,
         EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, UPCAST=INTERPRETED,
         PREC="ieee" if (INTERPRETED or x.dtype == torch.float32) else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl.enabled(x), num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(x),
     )
     return out
 

@@ -25,6 +25,9 @@ and can be captured in a CUDA graph.
 fp32 inputs use exact fp32 dots (``input_precision="ieee"``) and at most 64-token blocks, 2 stages.
 Head dims must be powers of two >= 16 (64 and 128 are tested).
 
+Both kernels take part in programmatic dependent launch (``ops.pdl``): they wait for the kernel
+before them first, then let the next one launch.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) every load is cast to fp32 at once: the interpreter computes
 bf16 wrongly.
 """
@@ -35,6 +38,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from lessismore.ops import pdl
+from lessismore.ops.pdl import prior_done
 
 LOG2E = 1.4426950408889634
 
@@ -73,8 +79,9 @@ def _decode_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, KV_PER: tl.constexpr,
     D: tl.constexpr, BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr, WRITE_SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16,
+    PAGED: tl.constexpr = False, PAGE: tl.constexpr = 16, PDL: tl.constexpr = False,
 ):
+    prior_done(PDL)
     # PAGED: K/V are [num_blocks, PAGE, Hkv, D] and position p of row b lives in slot p % PAGE of block
     # BT[b, p // PAGE]: stride_kb / stride_vb step over blocks, stride_kl / stride_vl over the slots of
     # a block. Otherwise K/V are [B, Hkv, L, D] (stride_kb over rows, stride_kl over positions).
@@ -165,7 +172,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _reduce_kernel(PART_M, PART_L, PART_ACC, OUT, HQ, stride_ob, stride_oh, num_splits,
-                   S_PAD: tl.constexpr, D: tl.constexpr):
+                   S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+    prior_done(PDL)
     head = tl.program_id(0).to(tl.int64)  # b * Hq + h
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
@@ -282,6 +290,7 @@ def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=F
     else:
         scores = out
     interp = INTERPRETED
+    use_pdl = pdl.enabled(q)
     _decode_split_kernel[(b, programs_per_row, num_splits)](
         q, k_cache, v_cache, indices, counts, part_m, part_l, part_acc, out, scores, block_table,
         scale * LOG2E, kmax, split_len, score_lo, score_window, stride_btb,
@@ -294,13 +303,13 @@ def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=F
         SINGLE=num_splits == 1, G=g, G_PAD=max(16, triton.next_power_of_2(g)), KV_PER=kv_per,
         D=d, BLOCK_N=block_n, DENSE=dense, WRITE_SCORES=write_scores, UPCAST=interp,
         PREC="ieee" if (interp or q.dtype == torch.float32) else "tf32",
-        PAGED=pages is not None, PAGE=page,
-        num_warps=num_warps or defaults["num_warps"], num_stages=num_stages,
+        PAGED=pages is not None, PAGE=page, PDL=use_pdl,
+        num_warps=num_warps or defaults["num_warps"], num_stages=num_stages, **pdl.launch_options(q),
     )
     if num_splits > 1:
         _reduce_kernel[(b * hq,)](
             part_m, part_l, part_acc, out, hq, out.stride(0), out.stride(1), num_splits,
-            S_PAD=triton.next_power_of_2(num_splits), D=d, num_warps=4,
+            S_PAD=triton.next_power_of_2(num_splits), D=d, num_warps=4, PDL=use_pdl, **pdl.launch_options(q),
         )
     return out
 
