@@ -282,6 +282,10 @@ def environment(device: str) -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = None
+    if out["triton"] is not None:
+        from lessismore.ops import pdl
+
+        out["pdl"] = pdl.enabled(torch.empty(0, device=device))  # programmatic dependent launch of the kernels
     return out
 
 

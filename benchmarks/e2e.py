@@ -13,7 +13,8 @@ context) is the outside peer, timed over a few steps. Correctness of the GPU pat
 test suite (pytest -m gpu), not of this script.
 
 Modes: --generate (Engine.generate end to end), --sweep (the full step with the other cuBLAS back end),
---profile (per-kernel GPU time of one eager step per point and method).
+--profile (per-kernel GPU time of one eager step per point and method), --pdl-off (every point also
+timed with programmatic dependent launch off, ``ops.pdl``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from common import (DTYPE, SMOKE_MODEL, Floor, Timer, bandwidth_and_weights, dev
                     kernel_summary, method_cfg, new_engine, sync, write_json)
 from lessismore.config import FULL
 from lessismore.engine import Engine, ModelConfig
+from lessismore.ops import pdl
 
 DEV = "cuda"  # --smoke: "cpu", a tiny model, to check the script itself without a GPU
 
@@ -186,6 +188,7 @@ def main():
     ap.add_argument("--generate", action="store_true", help="also time Engine.generate end to end (8 x 2K prompts)")
     ap.add_argument("--sweep", action="store_true", help="also time the full step with the other cuBLAS back end")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one step at every point")
+    ap.add_argument("--pdl-off", action="store_true", help="also time every point with programmatic dependent launch off")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, measures nothing")
     args = ap.parse_args()
@@ -226,6 +229,11 @@ def main():
             }
             print(f"B={batch} L={context} {name}: {step * 1e3:.2f} ms/step ({batch / step:.0f} tok/s), "
                   f"floor {floor * 1e3:.2f} ms, x{step / floor:.2f}", flush=True)
+            if args.pdl_off:
+                with pdl.disabled():
+                    off = statistics.median(timed_point(mcfg, weights, cfg, batch, context, args))
+                row["methods"][name].update({"ms_per_step_pdl_off": off * 1e3, "pdl_speedup": off / step})
+                print(f"  PDL off: {off * 1e3:.2f} ms/step ({off / step:.3f}x the step with PDL)", flush=True)
         if "full" in row["methods"]:
             full = row["methods"]["full"]["ms_per_step"]
             for name, m in row["methods"].items():

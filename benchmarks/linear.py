@@ -24,6 +24,7 @@ captured in a CUDA graph and its replay compared with an eager call bit for bit 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -87,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="skip the config sweep")
     ap.add_argument("--reps", type=int, default=15, help="graph replays per timing (median)")
     ap.add_argument("--inner", type=int, default=12, help="calls per graph (rounded up to whole weight rotations)")
+    ap.add_argument("--pdl", action="store_true", help="only the PDL comparison: the default config with "
+                    "programmatic dependent launch off and on, alone and after an RMSNorm (M = 8, 32)")
     args = ap.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +102,8 @@ def main(argv=None):
 
     import torch.nn.functional as F
 
-    from lessismore.ops import skinny
+    from lessismore.engine.kernels import add_rmsnorm
+    from lessismore.ops import pdl, skinny
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter's bf16 is wrong
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -165,6 +169,24 @@ def main(argv=None):
     def skinny_fn(cfg):
         return lambda x, w: skinny.skinny_linear(x, w, **cfg)
 
+    def pdl_rows(name, n, k, xs, ws, bytes_w):
+        """Seconds per call of the default config, PDL off and on, back to back and each call after an
+        add_rmsnorm of its input (the engine's pattern before qkv and gate_up)."""
+        rows = {"shape": name, "M": {}}
+        for m in SWEEP_MS:
+            cfg = skinny.default_config(m, n, k, sms=sms)
+            res, norm_w = xs[m].clone(), torch.ones(k, device=device, dtype=dtype)
+            row = rows["M"][m] = {"config": cfg}
+            for label in ("off", "on"):
+                with (pdl.disabled() if label == "off" else contextlib.nullcontext()):
+                    alone = seconds(lambda j: skinny.skinny_linear(xs[m], ws[j], **cfg), len(ws))
+                    chained = seconds(lambda j: skinny.skinny_linear(add_rmsnorm(None, res, norm_w, 1e-6), ws[j], **cfg),
+                                      len(ws))
+                row[label] = {"seconds": alone, "copy_fraction": bytes_w / alone / bw, "after_norm_seconds": chained}
+            log(f"  pdl M={m}: " + ", ".join(f"{lbl} {v['seconds'] * 1e6:.1f}/{v['after_norm_seconds'] * 1e6:.1f} us"
+                                           for lbl, v in row.items() if lbl != "config"))
+        return rows
+
     methods_cublas = {"F.linear": lambda x, w: F.linear(x, w), "mm_t": lambda x, w: torch.mm(w, x.t()).t()}
     summary = []
     for name in names:
@@ -178,6 +200,12 @@ def main(argv=None):
         ref = {m: F.linear(xs[m].float(), w32) for m in MS}
         del w32
         log(f"{name}: N={n} K={k}, W {bytes_w / 1e6:.1f} MB x {sets} sets")
+
+        if args.pdl:
+            result.setdefault("pdl_comparison", []).append(pdl_rows(name, n, k, xs, ws, bytes_w))
+            ws = xs = ref = None
+            write_json(args.out, result)
+            continue
 
         best = {}
         if not args.no_sweep:
@@ -234,6 +262,10 @@ def main(argv=None):
             torch.cuda.empty_cache()
         write_json(args.out, result)  # partial results survive a later failure
 
+    if args.pdl:
+        write_json(args.out, result)
+        log(f"wrote {args.out}")
+        return
     print("\ncopy fraction (% of the copy bandwidth; W bytes / time):")
     print(f"{'shape':8s} {'M':>3s} {'F.linear':>9s} {'mm_t':>7s} {'default':>8s} {'best':>7s} {'best/F.linear':>14s}")
     for name, m, row in summary:
