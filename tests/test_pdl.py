@@ -47,7 +47,7 @@ def _slow_copy(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 
 def _consumers():
-    """name -> (make inputs, run on the produced tensor, reference)."""
+    """name -> (input, the kernel's call on the produced copy of it, the reference's call)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape, dtype=torch.bfloat16, scale=1.0):

@@ -11,7 +11,7 @@ as little as possible. Three fusions pay:
 Each has a PyTorch reference that follows transformers' arithmetic exactly (so the CPU engine gives the
 same greedy tokens as ``model.generate``); the Triton versions run on CUDA tensors and compute in fp32
 with one rounding at the end. They take part in programmatic dependent launch (``ops.pdl``): each
-waits for the kernel before it, then lets the next one (often a GEMM prefetching its weights) launch.
+waits for the kernel before it, then lets the next one launch.
 """
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def add_rmsnorm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Te
         _add_rmsnorm_kernel[(residual.shape[0],)](
             residual if x is None else x, residual, weight, out, n, eps,
             HAS_ADD=x is not None, BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8,
-            PDL=pdl.enabled(residual), **pdl.launch_options(residual),
+            **pdl.launch_options(residual),
         )
         return out
     if x is not None:
@@ -170,7 +170,7 @@ def qk_norm_rope_store(
             qk_norm if has_norm else cos_half,
             eps, qkv.stride(0), *k_cache.stride()[:3],
             HQ=num_heads, HKV=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm, num_warps=1,
-            PDL=pdl.enabled(qkv), **pdl.launch_options(qkv),
+            **pdl.launch_options(qkv),
         )
         return q
     dq, dk = num_heads * head_dim, num_kv_heads * head_dim
@@ -202,6 +202,6 @@ def silu_mul(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         out = torch.empty(gate_up.shape[0], inter, device=gate_up.device, dtype=gate_up.dtype)
         block = 1024
         _silu_mul_kernel[(gate_up.shape[0], triton.cdiv(inter, block))](
-            gate_up, out, inter, BLOCK=block, num_warps=4, PDL=pdl.enabled(gate_up), **pdl.launch_options(gate_up))
+            gate_up, out, inter, BLOCK=block, num_warps=4, **pdl.launch_options(gate_up))
         return out
     return torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]

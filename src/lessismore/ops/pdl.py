@@ -3,8 +3,9 @@
 A decode step is ~500 launches in a row; each kernel ramps up (launch, first loads in flight) only
 after the one before it has drained. With PDL a kernel is launched while its predecessor still runs:
 its programs become resident, then block in ``griddepcontrol.wait`` until the predecessor has
-finished and its writes are visible: the launch and the programs' start overlap the predecessor's tail. Every kernel that takes part calls ``prior_done``
-first: it waits, then lets its own dependents launch.
+finished and its writes are visible, so the launch and the programs' start overlap the
+predecessor's tail. Every kernel that takes part calls ``prior_done`` first: it waits, then lets its
+own dependents launch.
 
 Rules that keep this exact:
 
@@ -14,9 +15,10 @@ Rules that keep this exact:
   wait implies every earlier kernel has finished. A kernel launched without PDL (a PyTorch op) starts
   after its predecessor has finished, as usual, and its successor's wait waits for it in turn.
 
-``launch_options(t)`` gives the launch keywords for kernels on ``t``'s device and ``enabled(t)`` the
-``PDL`` constexpr they take; ``disabled()`` turns PDL off for what is launched or captured inside it
-(benchmarks compare both in one process; ``LESSISMORE_PDL=0`` turns it off for the process).
+``launch_options(t)`` gives the keywords of a launch on ``t``'s device: the ``PDL`` constexpr each such
+kernel takes and, when on, ``launch_pdl``. ``disabled()`` turns PDL off for what is launched or
+captured inside it (benchmarks compare both in one process; ``LESSISMORE_PDL=0`` turns it off for the
+process).
 """
 from __future__ import annotations
 
@@ -39,16 +41,15 @@ def _capable(device_index: int) -> bool:
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels launched now on ``t``'s device use PDL: a CUDA tensor on a GPU of compute
     capability >= 9.0, not under Triton's interpreter, and not turned off."""
-    from lessismore.ops.triton_decode import INTERPRETED
-
     if not (_state["on"] and t.is_cuda) or INTERPRETED:
         return False
     return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def launch_options(t: torch.Tensor) -> dict:
-    """Keywords for a kernel launch (``kernel[grid](..., PDL=enabled(t), **launch_options(t))``)."""
-    return {"launch_pdl": True} if enabled(t) else {}
+    """Keywords for a launch on ``t``'s device: ``kernel[grid](..., **launch_options(t))`` sets the
+    kernel's ``PDL`` constexpr and, when on, launches it with PDL."""
+    return {"PDL": True, "launch_pdl": True} if enabled(t) else {"PDL": False}
 
 
 @contextlib.contextmanager
@@ -69,6 +70,10 @@ def prior_done(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# Kernels defined while TRITON_INTERPRET=1 run in the interpreter, which has no PDL.
+INTERPRETED = not isinstance(prior_done, triton.runtime.JITFunction)
 
 
 __all__ = ["enabled", "launch_options", "disabled", "prior_done"]

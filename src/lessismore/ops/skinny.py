@@ -232,7 +232,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         SPLIT=split_k > 1, SWAP=bool(swap_ab), HAS_BIAS=bias is not None,
         EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0, UPCAST=INTERPRETED,
         PREC="ieee" if (INTERPRETED or x.dtype == torch.float32) else "tf32",
-        PDL=pdl.enabled(x), num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(x),
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(x),
     )
     return out
 

@@ -290,7 +290,7 @@ def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=F
     else:
         scores = out
     interp = INTERPRETED
-    use_pdl = pdl.enabled(q)
+    launch = pdl.launch_options(q)
     _decode_split_kernel[(b, programs_per_row, num_splits)](
         q, k_cache, v_cache, indices, counts, part_m, part_l, part_acc, out, scores, block_table,
         scale * LOG2E, kmax, split_len, score_lo, score_window, stride_btb,
@@ -303,13 +303,13 @@ def split_decode(q, k_cache, v_cache, indices, counts, scale=None, *, per_head=F
         SINGLE=num_splits == 1, G=g, G_PAD=max(16, triton.next_power_of_2(g)), KV_PER=kv_per,
         D=d, BLOCK_N=block_n, DENSE=dense, WRITE_SCORES=write_scores, UPCAST=interp,
         PREC="ieee" if (interp or q.dtype == torch.float32) else "tf32",
-        PAGED=pages is not None, PAGE=page, PDL=use_pdl,
-        num_warps=num_warps or defaults["num_warps"], num_stages=num_stages, **pdl.launch_options(q),
+        PAGED=pages is not None, PAGE=page,
+        num_warps=num_warps or defaults["num_warps"], num_stages=num_stages, **launch,
     )
     if num_splits > 1:
         _reduce_kernel[(b * hq,)](
             part_m, part_l, part_acc, out, hq, out.stride(0), out.stride(1), num_splits,
-            S_PAD=triton.next_power_of_2(num_splits), D=d, num_warps=4, PDL=use_pdl, **pdl.launch_options(q),
+            S_PAD=triton.next_power_of_2(num_splits), D=d, num_warps=4, **launch,
         )
     return out
 
