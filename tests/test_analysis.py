@@ -15,6 +15,7 @@ from lessismore.analysis import (
     load_traces,
     selection_mask,
 )
+from lessismore.analysis.metrics import union_depth
 from lessismore.analysis.report import write_report
 from lessismore.analysis.traces import make_batch
 from lessismore.config import FULL, SparseConfig
@@ -82,6 +83,33 @@ def test_recall_hand_computation():
 
     # Dense (no selection) reads everything valid: recall 1.
     assert torch.allclose(attention_recall(probs, selection_mask(None, valid, 2)), torch.ones(1, 2))
+
+
+def test_union_depth_hand_built():
+    """Budget 8, half of it recent (4 sinks, no window): k = 4 ranked of slots 4..39, two heads."""
+    valid = torch.ones(4, 40, dtype=torch.bool)
+    valid[3, 9:] = False  # 9 slots: 5 in the middle, so 4 fit but the row is ranked
+    scores = torch.zeros(4, 2, 40)
+    top = {0: ([10, 11, 12, 13], [20, 21, 22, 23]),  # disjoint lists: 2 ranks give 4 positions
+           1: ([10, 11, 12, 13], [10, 11, 12, 13]),  # the same list: 4 ranks
+           2: ([10, 11, 12, 13], [10, 20, 21, 22]),  # 10, 20, 11 after two ranks, 12 at the third
+           3: ([5, 6, 7, 8], [8, 7, 6, 5])}  # the whole middle, read from both ends: 2 ranks
+    for row, lists in top.items():
+        for head, positions in enumerate(lists):
+            scores[row, head, positions] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    depth = union_depth(scores, valid, budget=8, recent_ratio=0.5, sinks=4)
+    assert depth.tolist() == [2.0, 4.0, 3.0, 2.0]
+    valid[3, 8:] = False  # 8 slots fit the budget: nothing is ranked, no depth
+    assert math.isnan(union_depth(scores, valid, 8, 0.5, 4)[3].item())
+    assert union_depth(scores, valid, 8, 0.5, 4)[:3].tolist() == [2.0, 4.0, 3.0]
+
+
+def test_union_depth_in_the_run(result):
+    summary, _ = result
+    depth = summary["union_depth"]
+    k, heads = depth["ranked_k"], depth["heads"]
+    assert k / heads <= depth["mean_ranks"] <= k
+    assert sum(depth["share_of_steps"]) == pytest.approx(1.0)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

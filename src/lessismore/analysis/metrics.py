@@ -12,6 +12,8 @@ from lessismore.config import SparseConfig
 from lessismore.methods import Selection
 from lessismore.methods.base import grouped_scores, valid_ranks
 from lessismore.methods.lessismore import lessismore_mask
+from lessismore.methods.lessismore.reference import first_occurrence, fixed_and_middle
+from lessismore.ops import naive
 from lessismore.methods.oracle import oracle_mask
 
 
@@ -125,6 +127,24 @@ def lessismore_set(probs_or_scores: torch.Tensor, valid: torch.Tensor, budget: i
     sink shares, its mask)."""
     cfg = SparseConfig(method="lessismore", budget=budget, recent_ratio=recent_ratio, sink_tokens=sinks)
     return lessismore_mask(probs_or_scores, valid, budget, cfg.recent_share, cfg.effective_sinks)
+
+
+def union_depth(probs_or_scores: torch.Tensor, valid: torch.Tensor, budget: int, recent_ratio: float,
+                sinks: int) -> torch.Tensor:
+    """Per row [B]: how many ranks of the heads' lists LessIsMore's rank-major union reads before it
+    holds its k = K - R ranked positions: k / Hq when the heads' lists are disjoint, k when they are
+    the same list. NaN where the row fits the budget (nothing is ranked).
+    A top-k for the selection layer has to order each head's list only this deep."""
+    cfg = SparseConfig(method="lessismore", budget=budget, recent_ratio=recent_ratio, sink_tokens=sinks)
+    recent, k, length, heads = cfg.recent_share, cfg.ranked_share, valid.shape[-1], probs_or_scores.shape[1]
+    nan = torch.full((valid.shape[0],), float("nan"), device=valid.device)
+    if k <= 0 or k > length:
+        return nan
+    _, middle = fixed_and_middle(valid, budget, recent, cfg.effective_sinks)
+    values, top = naive.topk_desc(probs_or_scores.masked_fill(~middle.unsqueeze(1), float("-inf")), k)
+    first, _ = first_occurrence(top, values > float("-inf"), length)
+    kth = first.topk(k, dim=-1, largest=False).values.amax(-1)  # the list index of the k-th distinct position
+    return torch.where(middle.sum(-1) >= k, (kth // heads + 1).float(), nan)
 
 
 def aggregation_sets(probs: torch.Tensor, valid: torch.Tensor, budget: int, num_kv_heads: int,

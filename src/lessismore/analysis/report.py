@@ -52,6 +52,10 @@ def summary_markdown(summary: dict) -> str:
             f"Head overlap of per-head top-K sets (Fig. 2): within a KV group {_fmt(ho['within_kv_group'], 3)}, "
             f"across KV groups {_fmt(ho['across_kv_groups'], 3)}, all pairs {_fmt(ho['all_pairs'], 3)}.",
             "",
+            f"Union depth: the rank-major union reads {_fmt(summary['union_depth']['mean_ranks'], 1)} ranks of each "
+            f"head's list on average for its k = {summary['union_depth']['ranked_k']} positions "
+            f"({summary['union_depth']['heads']} heads; k / heads if the lists were disjoint, k if equal).",
+            "",
             "| recent ratio (Fig. 9) | " + " | ".join(str(r) for r in rr["ratios"]) + " |",
             "| --- | " + " | ".join("---:" for _ in rr["ratios"]) + " |",
             "| LessIsMore recall | " + " | ".join(_fmt(x) for x in rr["recall"]) + " |",

@@ -35,6 +35,7 @@ from lessismore.methods import LayerRole
 DEFAULT_METHODS = ("lessismore", "tidaldecode", "quest", "streaming", "oracle")
 DEFAULT_RECENT_RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 AGGREGATIONS = ("unified", "head_to_head", "random_head")
+DEPTH_BINS = 8  # union depth as a share of k, in bins of k / 8
 
 
 @dataclass
@@ -141,6 +142,7 @@ class _Extras:
         self.ratio = {r: _Sum() for r in self.ratios}
         self.agg_selection = {a: _Sum() for a in AGGREGATIONS}
         self.agg_every = {a: _Sum() for a in AGGREGATIONS}
+        self.depth, self.depth_share = _Sum(), _Sum((DEPTH_BINS,))
         self.sets: dict = {}
 
     def observe(self, layer, q, k, valid, scale, counted: torch.Tensor) -> None:
@@ -160,6 +162,12 @@ class _Extras:
             self.sets = {("ratio", r): M.lessismore_set(probs, valid, cfg.budget, r, cfg.sink_tokens) for r in self.ratios}
             for name, mask in M.aggregation_sets(probs, valid, cfg.budget, self.num_kv, self.generator).items():
                 self.sets[("agg", name)] = mask
+            depth = M.union_depth(probs, valid, cfg.budget, cfg.recent_ratio, cfg.sink_tokens)
+            ranked = w * ~depth.isnan().cpu()
+            self.depth.add(depth, ranked)
+            share = depth.nan_to_num(1.0) / max(1, cfg.ranked_share)  # (0, 1]
+            bins = (share * DEPTH_BINS).ceil().long().clamp(1, DEPTH_BINS) - 1
+            self.depth_share.add(torch.nn.functional.one_hot(bins.cpu(), DEPTH_BINS), ranked[:, None])
         elif role is LayerRole.SPARSE and self.sets:
             for r in self.ratios:
                 self.ratio[r].add(M.attention_recall(probs, self.sets[("ratio", r)]), heads_w)
@@ -204,6 +212,16 @@ class _Extras:
                 "ratios": list(self.ratios),
                 "recall": _nan_to_none([self.ratio[r].mean() for r in self.ratios]),
                 "definition": "LessIsMore's set chosen at the selection layers from the full run's q/K, recall at the sparse layers after them",
+            },
+            "union_depth": {
+                "ranked_k": self.cfg.ranked_share,
+                "heads": self.num_q,
+                "mean_ranks": _nan_to_none(self.depth.mean()),
+                "bins": [f"<= {(i + 1) / DEPTH_BINS:g} k" for i in range(DEPTH_BINS)],
+                "share_of_steps": _nan_to_none(self.depth_share.mean()),
+                "definition": "ranks of each head's list the rank-major union reads before it holds k positions, "
+                "at the selection layers on the full run's q/K (k / heads when the lists are disjoint, k when equal); "
+                "share_of_steps: the share of (row, step, selection layer) whose depth falls in each bin",
             },
             "aggregation": {
                 "selection_layers": {a: _nan_to_none(self.agg_selection[a].mean()) for a in AGGREGATIONS},

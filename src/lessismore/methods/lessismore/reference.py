@@ -21,13 +21,11 @@ from lessismore.methods.base import fits_budget, valid_ranks
 from lessismore.ops import naive
 
 
-def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) -> torch.Tensor:
-    """Rank-major union of per-head top lists.
-
-    top [B, H, k'] positions (each head's list in descending score order), top_ok [B, H, k'] which
-    entries are real; returns a mask [B, length] of the first k distinct positions of the list
-    top[:, 0, 0], top[:, 1, 0], ..., top[:, H-1, 0], top[:, 0, 1], ...
-    """
+def first_occurrence(top: torch.Tensor, top_ok: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+    """Where each position first appears in the rank-major list top[:, 0, 0], top[:, 1, 0], ...,
+    top[:, H-1, 0], top[:, 0, 1], ... of per-head lists top [B, H, k'] (real entries: top_ok): (first
+    [B, length], the list index j = rank * H + head, or ``never`` = H * k' where it does not appear;
+    never)."""
     b, h, kk = top.shape
     flat = top.transpose(1, 2).reshape(b, kk * h)
     order = torch.arange(kk * h, device=top.device).expand(b, -1)
@@ -35,6 +33,18 @@ def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) 
     order = torch.where(top_ok.transpose(1, 2).reshape(b, kk * h), order, torch.full_like(order, never))
     first = torch.full((b, length), never, device=top.device, dtype=order.dtype)
     first.scatter_reduce_(1, flat, order, reduce="amin")
+    return first, never
+
+
+def unified_union(top: torch.Tensor, top_ok: torch.Tensor, length: int, k: int) -> torch.Tensor:
+    """Rank-major union of per-head top lists.
+
+    top [B, H, k'] positions (each head's list in descending score order), top_ok [B, H, k'] which
+    entries are real; returns a mask [B, length] of the first k distinct positions of the list
+    top[:, 0, 0], top[:, 1, 0], ..., top[:, H-1, 0], top[:, 0, 1], ...
+    """
+    b = top.shape[0]
+    first, never = first_occurrence(top, top_ok, length)
     take = min(k, length)
     keys, positions = first.topk(take, dim=-1, largest=False, sorted=False)
     return torch.zeros(b, length, dtype=torch.bool, device=top.device).scatter_(1, positions, keys < never)
