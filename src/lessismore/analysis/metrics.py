@@ -12,8 +12,7 @@ from lessismore.config import SparseConfig
 from lessismore.methods import Selection
 from lessismore.methods.base import grouped_scores, valid_ranks
 from lessismore.methods.lessismore import lessismore_mask
-from lessismore.methods.lessismore.reference import first_occurrence, fixed_and_middle
-from lessismore.ops import naive
+from lessismore.methods.lessismore.reference import first_occurrence, fixed_and_middle, head_lists
 from lessismore.methods.oracle import oracle_mask
 
 
@@ -141,7 +140,7 @@ def union_depth(probs_or_scores: torch.Tensor, valid: torch.Tensor, budget: int,
     if k <= 0 or k > length:
         return nan
     _, middle = fixed_and_middle(valid, budget, recent, cfg.effective_sinks)
-    values, top = naive.topk_desc(probs_or_scores.masked_fill(~middle.unsqueeze(1), float("-inf")), k)
+    values, top = head_lists(probs_or_scores, middle, k)
     first, _ = first_occurrence(top, values > float("-inf"), length)
     kth = first.topk(k, dim=-1, largest=False).values.amax(-1)  # the list index of the k-th distinct position
     return torch.where(middle.sum(-1) >= k, (kth // heads + 1).float(), nan)

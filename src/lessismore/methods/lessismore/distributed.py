@@ -17,8 +17,7 @@ import torch.distributed as dist
 
 from lessismore.config import SparseConfig
 from lessismore.methods.base import Selection, grouped_scores, mask_to_selection
-from lessismore.methods.lessismore.reference import fixed_and_middle, unified_union
-from lessismore.ops import naive
+from lessismore.methods.lessismore.reference import fixed_and_middle, head_lists, unified_union
 
 
 def _world(group) -> int:
@@ -56,8 +55,7 @@ def lessismore_mask_cross_rank(
     k = budget - recent
     if k <= 0:
         return fixed
-    masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
-    values, top = naive.topk_desc(masked, min(k, scores.shape[-1]))
+    values, top = head_lists(scores, middle, k)
     return fixed | cross_rank_union(top, values > float("-inf"), scores.shape[-1], k, group)
 
 

@@ -61,6 +61,12 @@ def fixed_and_middle(valid: torch.Tensor, budget: int, recent: int, sinks: int) 
     return fixed, valid & ~fixed
 
 
+def head_lists(scores: torch.Tensor, middle: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: each head's top-k of the middle slots, (values, positions) [B, H, min(k, L)] in
+    descending score order; entries past a row's middle are -inf."""
+    return naive.topk_desc(scores.masked_fill(~middle.unsqueeze(1), float("-inf")), min(k, middle.shape[-1]))
+
+
 def lessismore_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int, recent: int, sinks: int) -> torch.Tensor:
     """The selection as a mask [B, L] from scores [B, H, L]. ``recent`` is R (sinks included), ``sinks``
     the sinks actually kept (0 when R < s)."""
@@ -69,6 +75,5 @@ def lessismore_mask(scores: torch.Tensor, valid: torch.Tensor, budget: int, rece
     k = budget - recent
     if k <= 0:
         return fixed
-    masked = scores.masked_fill(~middle.unsqueeze(1), float("-inf"))
-    values, top = naive.topk_desc(masked, min(k, length))
+    values, top = head_lists(scores, middle, k)
     return fixed | unified_union(top, values > float("-inf"), length, k)
