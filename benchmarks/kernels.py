@@ -30,12 +30,14 @@ from lessismore.methods.lessismore import lessismore_mask
 from lessismore.ops import triton_decode
 
 from lessismore.decode import DecodeCache
-from lessismore.methods.lessismore.triton import fused_select, union_selection
+from lessismore.methods.lessismore.triton import fused_select, union_prefix, union_selection
+from lessismore.ops import topk
 
 
-def select_lessismore(q, k_cache, v_cache, lengths, cfg):
-    """The fused selection layer on a contiguous cache: (dense attention output, Selection)."""
-    return fused_select(cfg, q, DecodeCache(k_cache, v_cache, lengths=lengths, kernels=True))
+def select_lessismore(q, k_cache, v_cache, lengths, cfg, prefix=None):
+    """The fused selection layer on a contiguous cache: (dense attention output, Selection); prefix as
+    ``fused_select``'s."""
+    return fused_select(cfg, q, DecodeCache(k_cache, v_cache, lengths=lengths, kernels=True), prefix=prefix)
 
 HQ, HKV, D = 32, 8, 128  # Qwen3-8B
 DTYPE = torch.bfloat16
@@ -261,8 +263,12 @@ def run_selection(args, bw, results):
         rec = {"B": b, "L": length, "budget": cfg.budget, "ranked_k": k_rank, "heads": HQ}
         t, _ = bench(lambda i: sdpa_full(inp.q[i], *inp.kv(i)), inp.sets)
         rec["sdpa_full_ms"] = t * 1e3
-        for name, graph in (("select", True), ("select_eager", False)):
-            t, _ = bench(lambda i: select_lessismore(inp.q[i], *inp.kv(i), lengths, cfg), inp.sets, graph=graph)
+        depth = union_prefix(k_rank)
+        rec["union_prefix"] = depth
+        # One top-k of all k ranks (before the prefix), and the prefix's worst case: every row deeper.
+        for name, graph, prefix in (("select", True, None), ("select_eager", False, None),
+                                    ("select_one_topk", True, k_rank), ("select_every_row_deeper", True, 1)):
+            t, _ = bench(lambda i: select_lessismore(inp.q[i], *inp.kv(i), lengths, cfg, prefix), inp.sets, graph=graph)
             rec[f"{name}_ms"] = t * 1e3
         scores = torch.empty(b, HQ, length, device=DEVICE)
 
@@ -280,6 +286,9 @@ def run_selection(args, bw, results):
         rec["topk_ms"] = t * 1e3
         t, _ = bench(lambda i: scores.topk(k_rank, dim=-1, sorted=False), 1)
         rec["topk_unsorted_ms"] = t * 1e3
+        for name, kk in (("ours_topk", k_rank), ("ours_topk_prefix", depth)):
+            t, _ = bench(lambda i: topk.topk_desc(scores, kk, lengths), 1)
+            rec[f"{name}_ms"] = t * 1e3
         rec["select_profile"] = profile_select(lambda: select_lessismore(inp.q[0], *inp.kv(0), lengths, cfg))
         values, top = scores.topk(k_rank, dim=-1)
         for name, graph in (("union", True), ("union_eager", False)):
@@ -296,6 +305,17 @@ def run_selection(args, bw, results):
         sel = union_selection(top, values, lengths, length, cfg.budget, recent, sinks)
         ref = reference_union(0)
         rec["union_equal_reference"] = bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts))
+        # The union over the prefix, with the second top-k's launch (its rows flagged or not).
+        prefix_values, prefix_top = values[..., :depth].contiguous(), top[..., :depth].contiguous()
+
+        def prefix_union(i):
+            return union_selection(prefix_top, prefix_values, lengths, length, cfg.budget, recent, sinks,
+                                   lambda rows: topk.topk_desc(scores, k_rank, lengths, rows))
+
+        t, _ = bench(prefix_union, 1)
+        rec["union_prefix_and_deeper_launch_ms"] = t * 1e3
+        sel = prefix_union(0)
+        rec["union_prefix_equal_reference"] = bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts))
         rec["select_over_sdpa_full"] = rec["select_ms"] / rec["sdpa_full_ms"]
         results.append(rec)
         print(json.dumps(rec), flush=True)

@@ -13,6 +13,7 @@ from lessismore.config import SparseConfig  # noqa: E402
 from lessismore.methods import Selection, get  # noqa: E402
 from lessismore.methods.base import grouped_scores, mask_to_selection  # noqa: E402
 from lessismore.methods.lessismore import lessismore_mask, unified_union  # noqa: E402
+from lessismore.analysis.metrics import union_depth  # noqa: E402
 from lessismore.ops import naive  # noqa: E402
 from lessismore.decode import DecodeCache  # noqa: E402
 from lessismore.methods.lessismore import triton as lessismore_triton  # noqa: E402
@@ -31,9 +32,9 @@ if ON_GPU:
     SHAPES += [(4, 8, 4, 128, 5000, 1000), (1, 8, 4, 128, 40000, 4096), (32, 8, 4, 128, 3000, 2048)]
 
 
-def fused_lessismore(q, k, v, lengths, cfg):
+def fused_lessismore(q, k, v, lengths, cfg, prefix=None):
     """LessIsMore's fused selection layer on the kernels (forced: under the interpreter on CPU)."""
-    return lessismore_triton.fused_select(cfg, q, DecodeCache(k, v, lengths=lengths, kernels=True))
+    return lessismore_triton.fused_select(cfg, q, DecodeCache(k, v, lengths=lengths, kernels=True), prefix=prefix)
 
 
 def rel_err(out, ref):
@@ -127,7 +128,7 @@ CONFIGS = [
 ]
 
 
-def check_select(cfg, b, hkv, g, d, length, dtype):
+def check_select(cfg, b, hkv, g, d, length, dtype, prefix=None):
     """Exactly the reference set. Inputs are multiples of 1/4 in [-3/4, 3/4], so every score is exact in
     fp32 and the kernel's scores equal grouped_scores bit for bit (ties and all)."""
     q = (torch.randint(-3, 4, (b, hkv * g, d), device=DEVICE) / 4).to(dtype)
@@ -135,7 +136,7 @@ def check_select(cfg, b, hkv, g, d, length, dtype):
     v = rand(b, hkv, length, d, dtype=dtype)
     # A full row, a row at the budget, one just past it, and a short one.
     lengths = torch.tensor([length, cfg.budget, cfg.budget + 1, 30], device=DEVICE, dtype=torch.int32)[:b]
-    out, sel = fused_lessismore(q, k, v, lengths, cfg)
+    out, sel = fused_lessismore(q, k, v, lengths, cfg, prefix)
     valid = torch.arange(length, device=DEVICE) < lengths.view(-1, 1)
     ref = get("lessismore").select(cfg, q, k, valid)
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
@@ -147,6 +148,13 @@ def check_select(cfg, b, hkv, g, d, length, dtype):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_select_lessismore_matches_method(cfg, dtype):
     check_select(cfg, 4, 2, 4, 64, 300, dtype)
+
+
+@pytest.mark.parametrize("prefix", [1, 5, 1000])
+def test_select_lessismore_any_prefix(prefix):
+    """The ranks sorted first do not change the set: a prefix of 1 rank (every row past the budget runs
+    out and takes the second top-k), 5, or more than k (one top-k)."""
+    check_select(CONFIGS[0], 4, 2, 4, 64, 300, torch.float32, prefix)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="a long cache is slow in the interpreter")
@@ -187,6 +195,37 @@ def test_union_matches_reference(heads, length, budget):
     ranked = sel.indices[:, sinks:budget - recent + sinks]
     assert torch.equal(chosen[full].sum(-1), torch.full_like(chosen[full].sum(-1), budget - recent))
     assert torch.equal(ranked[full], chosen[full].nonzero()[:, 1].view(-1, budget - recent))
+
+
+@pytest.mark.parametrize("prefix", [1, 6, 12])
+def test_union_prefix_completes_rows_that_run_out(prefix):
+    """The union over the first `prefix` ranks of each head's list: the rows whose union reads deeper
+    (``union_depth`` > prefix) and only those get the whole lists, and every row has the reference set.
+    Rows: heads that share one list (depth k), independent heads (depth about k / H), heads that agree
+    in part, and a row within the budget (nothing ranked)."""
+    cfg = SparseConfig(method="lessismore", budget=64, recent_ratio=0.25, sink_tokens=4)
+    heads, length = 8, 400
+    recent, sinks, k = cfg.recent_share, cfg.effective_sinks, cfg.ranked_share
+    lengths = torch.tensor([length, length, 300, 60], device=DEVICE, dtype=torch.int32)
+    valid = torch.arange(length, device=DEVICE) < lengths.view(-1, 1)
+    scores = torch.randn(4, heads, length, device=DEVICE) * torch.tensor([0.0, 1.0, 0.3, 1.0], device=DEVICE).view(4, 1, 1)
+    scores += torch.randn(4, 1, length, device=DEVICE)
+    pos = torch.arange(length, device=DEVICE)
+    middle = valid & (pos >= sinks) & (pos < lengths.view(-1, 1) - (recent - sinks))
+    masked = scores.masked_fill(~middle[:, None], float("-inf"))
+    asked = []
+
+    def deeper(rows):
+        asked.append(rows.clone())
+        return naive.topk_desc(masked, k)
+
+    values, top = naive.topk_desc(masked, prefix)
+    sel = lessismore_triton.union_selection(top, values, lengths, length, cfg.budget, recent, sinks, deeper)
+    ref = mask_to_selection(lessismore_mask(scores, valid, cfg.budget, recent, sinks), cfg.budget)
+    assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
+    depth = union_depth(scores, valid, cfg.budget, cfg.recent_ratio, cfg.sink_tokens)
+    assert depth[0] == k and depth[1] < k / 2  # the rows are what they claim to be
+    assert len(asked) == 1 and torch.equal(asked[0], (depth > prefix).to(torch.int32))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

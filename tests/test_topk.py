@@ -78,6 +78,22 @@ def test_lengths():
         assert_same(randn(32, 32, 32768), 1536, lengths)
 
 
+def test_active_rows():
+    """active picks the rows computed (with lengths, over [B, H, L] and [B, L] rows); they equal the
+    reference. The others are skipped: their outputs are whatever the allocation held."""
+    scores = randn(4, 3, 900)
+    lengths = torch.tensor([900, 300, 0, 650], device=DEVICE)
+    active = torch.tensor([1, 0, 1, 1], device=DEVICE, dtype=torch.int32)
+    values, indices = topk.topk_desc(scores, 200, lengths, active)
+    ref_values, ref_indices = naive.topk_desc(scores, 200, lengths)
+    on = active.bool()
+    assert torch.equal(indices[on], ref_indices[on]) and torch.equal(values[on], ref_values[on])
+    positions = topk.topk_positions(scores[:, 0], 50, None, active)
+    assert torch.equal(positions[on], naive.topk_positions(scores[:, 0], 50)[on])
+    with pytest.raises(ValueError, match="active"):
+        topk.topk_desc(scores, 10, None, active.long())
+
+
 def test_ties():
     length, k = (8192, 1536) if ON_GPU else (1200, 150)
     rows = torch.randint(0, 4, (4, 2, length), device=DEVICE).float()  # four values: ties everywhere

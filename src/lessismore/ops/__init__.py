@@ -40,13 +40,15 @@ def decode_attention(q, k_cache, v_cache, selection, scale=None, triton: bool | 
     return impl(q, k_cache, v_cache, selection.indices, selection.counts, scale)
 
 
-def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, triton: bool | None = None):
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, active: torch.Tensor | None = None,
+              triton: bool | None = None):
     """Each row's k largest scores, descending, equal scores lower position first (the selection
-    layers' one top-k rule): (values fp32, indices int64)."""
+    layers' one top-k rule): (values fp32, indices int64). active ([B] int32, optional): only rows b
+    with active[b] != 0 need be computed (the kernel skips the others; the reference computes all)."""
     if _pick(scores, triton):
         from lessismore.ops import topk
 
-        return topk.topk_desc(scores, k, lengths)
+        return topk.topk_desc(scores, k, lengths, active)
     return naive.topk_desc(scores, k, lengths)
 
 

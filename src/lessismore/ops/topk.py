@@ -151,11 +151,14 @@ def _sorted_store(comp, val_ptr, idx_ptr, mask, BY_POS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["K", "row_len", "cap"])
 def _topk_kernel(
-    S, LEN, CV, CP, COMP, VAL, IDX, L, row_len, K, rows_per_len, cap,
-    HAS_LEN: tl.constexpr, M: tl.constexpr, R: tl.constexpr, TW: tl.constexpr, E: tl.constexpr,
+    S, LEN, ACTIVE, CV, CP, COMP, VAL, IDX, L, row_len, K, rows_per_len, cap,
+    HAS_LEN: tl.constexpr, HAS_ACTIVE: tl.constexpr, M: tl.constexpr, R: tl.constexpr, TW: tl.constexpr, E: tl.constexpr,
     CE: tl.constexpr, K_PAD: tl.constexpr, GM_STOP: tl.constexpr, SORT: tl.constexpr, BY_POS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ACTIVE:
+        if tl.load(ACTIVE + row // rows_per_len) == 0:
+            return
     n = L
     if HAS_LEN:
         n = tl.minimum(tl.maximum(tl.load(LEN + row // rows_per_len).to(tl.int32), 0), L)
@@ -304,16 +307,18 @@ def default_group(k: int, length: int) -> int:
     return max(16, min(triton.next_power_of_2(length), max(1024, triton.next_power_of_2(-(-4 * k // 3)))))
 
 
-def _check(scores, k, lengths):
+def _check(scores, k, lengths, active=None):
     if k < 0:
         raise ValueError(f"k={k} < 0")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
     if lengths is not None and (scores.dim() < 2 or lengths.numel() != scores.shape[0]):
         raise ValueError("lengths: one entry per scores.shape[0] row, for scores of 2+ dimensions")
+    if active is not None and (scores.dim() < 2 or active.numel() != scores.shape[0] or active.dtype != torch.int32):
+        raise ValueError("active: one int32 entry per scores.shape[0] row, for scores of 2+ dimensions")
 
 
-def _launch(scores, k, lengths, by_position, *, cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None,
+def _launch(scores, k, lengths, by_position, active=None, *, cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None,
             block=4096, num_warps=16):
     """The kernels behind topk_desc and topk_positions, with their tuning and its defaults (see
     ``topk_desc``); returns (values or None, indices)."""
@@ -344,10 +349,13 @@ def _launch(scores, k, lengths, by_position, *, cap=None, fused_sort=None, group
     comp = torch.empty((rows, k_pad), device=device, dtype=torch.int64)
     has_len = lengths is not None
     out_values = indices if values is None else values  # an unused pointer when by_position
+    has_active = active is not None
+    if has_active:
+        active = active.reshape(-1)
     _topk_kernel[(rows,)](
-        s, lengths if has_len else s, cand_val, cand_pos, comp, out_values, indices, length, length, k,
-        rows // scores.shape[0] if has_len else 1, cap,
-        HAS_LEN=has_len, M=group, R=gm_rows or max(1, 8192 // group),
+        s, lengths if has_len else s, active if has_active else s, cand_val, cand_pos, comp, out_values, indices, length, length, k,
+        rows // scores.shape[0] if has_len or has_active else 1, cap,
+        HAS_LEN=has_len, HAS_ACTIVE=has_active, M=group, R=gm_rows or max(1, 8192 // group),
         TW=threads, E=max(1, block // threads), CE=max(1, triton.next_power_of_2(cap) // threads), K_PAD=k_pad,
         GM_STOP=gm_stop, SORT=fused_sort, BY_POS=by_position, num_warps=num_warps,
     )
@@ -365,12 +373,16 @@ def _launch(scores, k, lengths, by_position, *, cap=None, fused_sort=None, group
     return values, indices
 
 
-def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, **tuning):
+def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, active: torch.Tensor | None = None,
+              **tuning):
     """``naive.topk_desc`` (same arguments, same results) for scores [..., L] on CUDA, or on CPU under
     the Triton interpreter; fp32 (other float dtypes are upcast first, as the reference does).
     Returns (values fp32 [..., k], indices int64 [..., k]); k > L gives all L.
 
     lengths (scores.shape[0] ints, int32 or int64): row b's candidates are positions < lengths[b].
+    active (scores.shape[0] int32s, optional): rows b with active[b] == 0 are skipped, their outputs left
+    unspecified (a fixed grid whose programs return at once: a data-dependent subset of the rows
+    within a CUDA graph).
     Tuning (keywords; results do not depend on it; defaults in ``_launch``): cap, candidate slots per
     row (default ``default_cap``; held in registers in step 4, so keep it to a few thousand; at most
     65535); fused_sort, sort inside the kernel (default: when k <= 8192; a kernel of its own sorting
@@ -379,16 +391,17 @@ def topk_desc(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None,
     per load of step 1 (default: 8192 slots a load); block (4096), slots per tile of steps 3 and 5;
     num_warps (16, measured fastest on the H200: 288 us against 335 at 8 and 473 at 4).
     """
-    _check(scores, k, lengths)
-    return _launch(scores, k, lengths, False, **tuning)
+    _check(scores, k, lengths, active)
+    return _launch(scores, k, lengths, False, active, **tuning)
 
 
-def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, **tuning) -> torch.Tensor:
+def topk_positions(scores: torch.Tensor, k: int, lengths: torch.Tensor | None = None, active: torch.Tensor | None = None,
+                   **tuning) -> torch.Tensor:
     """``naive.topk_positions``: the positions of ``topk_desc``'s k entries, ascending (int64 [..., k]).
-    The same kernel, sorting 32-bit positions instead of 64-bit (score, position) pairs. Tuning as
-    ``topk_desc``'s."""
-    _check(scores, k, lengths)
-    return _launch(scores, k, lengths, True, **tuning)[1]
+    The same kernel, sorting 32-bit positions instead of 64-bit (score, position) pairs. active and
+    tuning as ``topk_desc``'s."""
+    _check(scores, k, lengths, active)
+    return _launch(scores, k, lengths, True, active, **tuning)[1]
 
 
 __all__ = ["topk_desc", "topk_positions", "default_cap", "default_group", "INTERPRETED"]

@@ -19,6 +19,14 @@ The union (``union_selection``) runs in five small kernels, all grids fixed by t
   4. per block of slots, how many are in;
   5. each in-slot's place (block prefix + cumsum), written after the sinks, with the sinks and the
      recent window around them, or 0..n-1 when n <= budget.
+
+The union reads each head's list in rank order and stops at the k-th distinct position, which on real
+traces comes after a quarter to a third of the k ranks (``analysis.metrics.union_depth``). So the
+layer's top-k orders only a prefix of each list (``union_prefix``: 1,024 of k = 1,536, the bitonic
+sort of half the slots); a row whose prefix runs out of ranks before k positions is flagged by the
+union, and a second top-k of all k ranks, whose programs return at once for the other rows, and a
+second union pass over the flagged rows complete it. Both launches are always made (fixed shapes,
+no host look); the set is the same either way.
 """
 from __future__ import annotations
 
@@ -42,13 +50,18 @@ def _blocks_before(BCOUNT, row, blk, NBLK_PAD: tl.constexpr):
 
 
 @triton.jit
-def _list_kernel(TOP, VAL, FIRST, FLAGS, BCOUNT, THRESH, stride_tb, stride_th, stride_vb, stride_vh,
-                 H, KK, L, K, PHASE: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr, NBLK_PAD: tl.constexpr):
+def _list_kernel(TOP, VAL, FIRST, FLAGS, BCOUNT, THRESH, ACTIVE, stride_tb, stride_th, stride_vb, stride_vh,
+                 H, KK, L, K, PHASE: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr, NBLK_PAD: tl.constexpr,
+                 HAS_ACTIVE: tl.constexpr):
     """Ranks [blk*R, blk*R+R) of every head of row b, in list order j = rank * H + head.
     PHASE 0: first[pos] = min j. 1: flag the first occurrences (FLAGS[b, j]) and count them per block.
-    2: THRESH[b] = the j of the K-th first occurrence of the row."""
+    2: THRESH[b] = the j of the K-th first occurrence of the row. HAS_ACTIVE: rows with ACTIVE[b] == 0
+    are left alone."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
+    if HAS_ACTIVE:
+        if tl.load(ACTIVE + b) == 0:
+            return
     if PHASE == 2:
         j = blk * R * H + tl.arange(0, R * H_PAD)
         flags = tl.load(FLAGS + b * KK * H + j, mask=(j < (blk + 1) * R * H) & (j < KK * H), other=0).to(tl.int32)
@@ -72,13 +85,18 @@ def _list_kernel(TOP, VAL, FIRST, FLAGS, BCOUNT, THRESH, stride_tb, stride_th, s
 
 
 @triton.jit
-def _position_kernel(FIRST, THRESH, LEN, BCOUNT, OUT, COUNTS, L, budget, sinks, window, K, KOUT,
-                     PHASE: tl.constexpr, BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr):
+def _position_kernel(FIRST, THRESH, LEN, BCOUNT, OUT, COUNTS, ACTIVE, SHORT, L, budget, sinks, window, K, KOUT,
+                     PHASE: tl.constexpr, BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_ACTIVE: tl.constexpr):
     """Slots [blk*BLOCK, +BLOCK) of row b; a slot is ranked in iff first[pos] <= THRESH[b]. PHASE 0:
-    count them. 1: write them ascending after the sinks, and (block 0) the sinks, the recent window and
-    the count; a row with n <= budget gets 0..n-1. Entries past the count repeat slot L - 1."""
+    count them. 1: write them ascending after the sinks, and (block 0) the sinks, the recent window, the
+    count and SHORT[b] (the lists ran out before K positions: THRESH[b] unset in a row past the budget).
+    A row with n <= budget gets 0..n-1. Entries past the count repeat slot L - 1. HAS_ACTIVE: rows with
+    ACTIVE[b] == 0 are left alone."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
+    if HAS_ACTIVE:
+        if tl.load(ACTIVE + b) == 0:
+            return
     pos = blk * BLOCK + tl.arange(0, BLOCK)
     n = tl.load(LEN + b).to(tl.int32)
     whole = n <= budget
@@ -96,23 +114,49 @@ def _position_kernel(FIRST, THRESH, LEN, BCOUNT, OUT, COUNTS, L, budget, sinks, 
                 tl.store(OUT + b * KOUT + i, fixed.to(tl.int64),
                          mask=(i < KOUT) & (whole | (i < sinks) | (i >= sinks + K)))
             tl.store(COUNTS + b, tl.minimum(n, budget))
+            tl.store(SHORT + b, ((tl.load(THRESH + b) < 0) & ~whole & (K > 0)).to(tl.int32))
 
 
-def union_selection(top, values, lengths, length, budget, recent, sinks) -> Selection:
+def union_selection(top, values, lengths, length, budget, recent, sinks, deeper=None) -> Selection:
     """The LessIsMore set from each head's top list, as ``lessismore_mask`` + ``mask_to_selection``
     compute it for a contiguous cache (valid slots 0..lengths[b]-1 of ``length``).
 
     top [B, H, kk] int (positions, each head's list in descending score order), values [B, H, kk]
     (-inf marks entries that are not real), both from ``topk`` over scores masked to the middle slots;
     ``recent`` is R (sinks included), ``sinks`` the sinks kept. None, None when budget == recent.
+    The lists may be a prefix of each head's top-(budget - recent) (kk smaller): the union reads
+    ranks in order, so a row whose prefix holds k distinct positions has its set. The rows whose
+    prefix runs out are completed by ``deeper(rows)``, which gets their [B] int32 flags and returns
+    (values, top) of the whole lists (only the flagged rows are read); it is called once, on the
+    device, whether or not a row ran out.
     Returns Selection(indices [B, min(budget, length)] int64 ascending, counts [B] int32).
     """
     b = lengths.shape[0]
     device = lengths.device
     k = budget - recent
-    kout = min(budget, length)
     first = torch.full((b, length), 2147483647, device=device, dtype=torch.int32)
     thresh = torch.full((b,), -1, device=device, dtype=torch.int32)
+    indices = torch.empty((b, min(budget, length)), device=device, dtype=torch.int64)
+    counts = torch.empty((b,), device=device, dtype=torch.int32)
+    short = torch.empty((b,), device=device, dtype=torch.int32)
+    _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts, short)
+    if deeper is not None and k > 0:
+        # The second pass keeps ``first`` and ``thresh``: the whole lists hold the prefix at the same
+        # list order j, so the minima only fall further, and a short row's thresh is still unset.
+        values, top = deeper(short)
+        # short stays the flags of the rows completed (its second write would race with its reads).
+        _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts,
+                    torch.empty_like(short), active=short)
+    return Selection(indices=indices, counts=counts)
+
+
+def _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts, short, active=None):
+    """The five kernels of the union over these lists, for every row or (active) the flagged ones."""
+    b = lengths.shape[0]
+    device = lengths.device
+    k = budget - recent
+    has_active = active is not None
+    flag_ptr = active if has_active else thresh  # an unused pointer without it
     if k > 0:
         h, kk = top.shape[1], top.shape[2]
         if top.stride(-1) != 1 or values.stride(-1) != 1:
@@ -122,37 +166,49 @@ def union_selection(top, values, lengths, length, budget, recent, sinks) -> Sele
         flags = torch.empty((b, kk * h), device=device, dtype=torch.int8)
         for phase in range(3):
             _list_kernel[(b, nblk)](
-                top, values, first, flags, bcount, thresh, top.stride(0), top.stride(1), values.stride(0), values.stride(1),
-                h, kk, length, k, PHASE=phase, R=_RANKS, H_PAD=triton.next_power_of_2(h), NBLK_PAD=bcount.shape[1],
+                top, values, first, flags, bcount, thresh, flag_ptr, top.stride(0), top.stride(1), values.stride(0),
+                values.stride(1), h, kk, length, k, PHASE=phase, R=_RANKS, H_PAD=triton.next_power_of_2(h),
+                NBLK_PAD=bcount.shape[1], HAS_ACTIVE=has_active,
             )
-    indices = torch.empty((b, kout), device=device, dtype=torch.int64)
-    counts = torch.empty((b,), device=device, dtype=torch.int32)
     nblk = triton.cdiv(length, _POSITIONS)
     bcount = torch.empty((b, triton.next_power_of_2(nblk)), device=device, dtype=torch.int32)
     for phase in range(2):
         _position_kernel[(b, nblk)](
-            first, thresh, lengths, bcount, indices, counts, length, budget, sinks, recent - sinks, max(k, 0), kout,
-            PHASE=phase, BLOCK=_POSITIONS, NBLK_PAD=bcount.shape[1],
+            first, thresh, lengths, bcount, indices, counts, flag_ptr, short, length, budget, sinks, recent - sinks,
+            max(k, 0), indices.shape[1], PHASE=phase, BLOCK=_POSITIONS, NBLK_PAD=bcount.shape[1], HAS_ACTIVE=has_active,
         )
-    return Selection(indices=indices, counts=counts)
 
 
-def fused_select(cfg: SparseConfig, q, cache, scale=None):
+def union_prefix(k: int) -> int:
+    """Ranks of each head's list the selection layer sorts first: half of k's power of two (1,024 of
+    k = 1,536), k itself up to 64. On real traces the union reads 0.25-0.32 k on average and past
+    0.625 k in ~1% of the steps (``union_depth``, docs/analysis.md); a row that needs more ranks gets
+    its whole lists from a second top-k."""
+    return k if k <= 64 else triton.next_power_of_2(k) // 2
+
+
+def fused_select(cfg: SparseConfig, q, cache, scale=None, prefix=None):
     """The selection layer: (dense attention output [B, Hq, D] in q's dtype, the set of
     ``methods.get("lessismore").select`` over the cache's tokens), or None when ``cache`` (a
-    ``decode.DecodeCache`` the kernels read) cannot give scores."""
+    ``decode.DecodeCache`` the kernels read) cannot give scores. prefix: the ranks sorted first
+    (default ``union_prefix``; the set does not depend on it)."""
     recent, sinks = cfg.recent_share, cfg.effective_sinks
     length = cache.span
-    top = values = None
+    top = values = deeper = None
     if cfg.budget > recent:
         found = cache.dense_with_scores(q, scale, sinks, recent - sinks)
         if found is None:
             return None
         out, scores = found
-        values, top = ops.topk_desc(scores, min(cfg.budget - recent, length), cache.lengths, triton=cache.kernels)
+        kk = min(cfg.budget - recent, length)
+        depth = min(union_prefix(kk) if prefix is None else prefix, kk)
+        values, top = ops.topk_desc(scores, depth, cache.lengths, triton=cache.kernels)
+        if depth < kk:
+            def deeper(rows):
+                return ops.topk_desc(scores, kk, cache.lengths, active=rows, triton=cache.kernels)
     else:
         out = cache.dense(q, scale)
-    return out, union_selection(top, values, cache.lengths, length, cfg.budget, recent, sinks)
+    return out, union_selection(top, values, cache.lengths, length, cfg.budget, recent, sinks, deeper)
 
 
-__all__ = ["fused_select", "union_selection"]
+__all__ = ["fused_select", "union_selection", "union_prefix"]
