@@ -251,10 +251,10 @@ class Floor:
 
 
 def new_engine(mcfg: ModelConfig, weights, cfg: SparseConfig, batch: int, max_len: int, device: str,
-               cuda_graphs: bool | None = None) -> Engine:
+               cuda_graphs: bool | None = None, overlap_selection: bool | None = None) -> Engine:
     """A fresh engine on the shared weights, for ``batch`` rows of up to ``max_len`` tokens."""
     return Engine(mcfg, cfg=cfg, weights=weights, device=device, dtype=DTYPE, max_batch=batch, max_len=max_len,
-                  cuda_graphs=cuda_graphs)
+                  cuda_graphs=cuda_graphs, overlap_selection=overlap_selection)
 
 
 # ---- environment and output ------------------------------------------------------------------------

@@ -14,7 +14,8 @@ test suite (pytest -m gpu), not of this script.
 
 Modes: --generate (Engine.generate end to end), --sweep (the full step with the other cuBLAS back end),
 --profile (per-kernel GPU time of one eager step per point and method), --pdl-off (every point also
-timed with programmatic dependent launch off, ``ops.pdl``).
+timed with programmatic dependent launch off, ``ops.pdl``), --overlap-off (the methods with a
+fused selection layer also timed with its top-k and union on the main stream, ``DecodeExecutor.overlap``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import torch
 
 from common import (DTYPE, SMOKE_MODEL, Floor, Timer, bandwidth_and_weights, device_events, environment, free_memory,
                     kernel_summary, method_cfg, new_engine, sync, write_json)
+from lessismore import methods
 from lessismore.config import FULL
+from lessismore.methods.base import Method
 from lessismore.engine import Engine, ModelConfig
 from lessismore.ops import pdl
 
@@ -73,9 +76,10 @@ def time_steps(engine: Engine, batch: int, context: int, steps: int, reps: int) 
     return out
 
 
-def timed_point(mcfg, weights, cfg, batch: int, context: int, args, steps=None, reps=None, cuda_graphs=None) -> list[float]:
+def timed_point(mcfg, weights, cfg, batch: int, context: int, args, steps=None, reps=None, cuda_graphs=None,
+                overlap_selection=None) -> list[float]:
     """A fresh engine at this point, filled, timed, freed."""
-    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs)
+    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs, overlap_selection)
     try:
         fill_decode_state(engine, batch, context)
         return time_steps(engine, batch, context, steps or args.steps, reps or args.reps)
@@ -189,6 +193,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time the full step with the other cuBLAS back end")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one step at every point")
     ap.add_argument("--pdl-off", action="store_true", help="also time every point with programmatic dependent launch off")
+    ap.add_argument("--overlap-off", action="store_true",
+                    help="also time the methods with a fused selection layer with its top-k and union on the main stream")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, measures nothing")
     args = ap.parse_args()
@@ -234,6 +240,10 @@ def main():
                     off = statistics.median(timed_point(mcfg, weights, cfg, batch, context, args))
                 row["methods"][name].update({"ms_per_step_pdl_off": off * 1e3, "pdl_speedup": off / step})
                 print(f"  PDL off: {off * 1e3:.2f} ms/step ({off / step:.3f}x the step with PDL)", flush=True)
+            if args.overlap_off and type(methods.get(cfg.method)).fused_attention is not Method.fused_attention:
+                off = statistics.median(timed_point(mcfg, weights, cfg, batch, context, args, overlap_selection=False))
+                row["methods"][name].update({"ms_per_step_overlap_off": off * 1e3, "overlap_speedup": off / step})
+                print(f"  overlap off: {off * 1e3:.2f} ms/step ({off / step:.3f}x the step with it)", flush=True)
         if "full" in row["methods"]:
             full = row["methods"]["full"]["ms_per_step"]
             for name, m in row["methods"].items():

@@ -78,6 +78,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     ap.add_argument("--sweep", action="store_true", help="also time tuning knobs at B=32, L=32K")
+    ap.add_argument("--k", type=int, default=K, help="k of the grid and the sweep (the selection layer's prefix: 1024)")
+    ap.add_argument("--no-positions", action="store_true", help="skip TidalDecode's topk_positions")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--inner", type=int, default=10)
     args = ap.parse_args(argv)
@@ -94,7 +96,7 @@ def main(argv=None):
     if args.smoke:  # the interpreter runs each row's program in Python: few, short rows
         heads, k, grid = 4, 64, [(2, 1000, False), (2, 1000, True)]
     else:
-        heads, k, grid = HEADS, K, list(itertools.product([8, 32], [16384, 32768], [False, True]))
+        heads, k, grid = HEADS, args.k, list(itertools.product([8, 32], [16384, 32768], [False, True]))
     results = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -122,13 +124,13 @@ def main(argv=None):
     if args.sweep and device == "cuda":
         inputs = make_sets(32, HEADS, 32768, False, 2, device)
         results["sweep"] = []
-        knobs = [{}, {"group": 4096}, {"group": 8192}, {"num_warps": 8}, {"fused_sort": False}]
+        knobs = [{}, {"group": 4096}, {"group": 8192}, {"num_warps": 8}, {"num_warps": 4}, {"fused_sort": False}]
         for tuning in knobs:
-            t = time_calls(lambda j: topk.topk_desc(inputs[j][0], K, inputs[j][1], **tuning), 2, args.reps,
+            t = time_calls(lambda j: topk.topk_desc(inputs[j][0], k, inputs[j][1], **tuning), 2, args.reps,
                            args.inner, device)
             results["sweep"].append({"tuning": tuning, "triton_s": t})
             print(f"sweep {tuning}: {t * 1e6:.1f} us", flush=True)
-    if device == "cuda":
+    if device == "cuda" and not args.no_positions:
         # TidalDecode's selection: each head's top K-1 = 2047 as an ascending set.
         results["positions"] = []
         for b, length in [(8, 16384), (32, 16384), (32, 32768)]:

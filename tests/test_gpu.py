@@ -81,6 +81,24 @@ def test_graph_replay_equals_eager(checkpoint):
     assert graphs.kv_stats() == eager.kv_stats()
 
 
+@pytest.mark.parametrize("method", ["lessismore", "tidaldecode"])
+def test_selection_on_a_second_stream_changes_nothing(checkpoint, method):
+    """The fused selection's top-k and union on the side stream (the engine's default on CUDA) against
+    the main stream: the same sampled tokens and KV counts, bf16, CUDA graphs, slots refilled."""
+    def run(overlap):
+        engine = lim.Engine(str(checkpoint), cfg=cfg_of(method, 24), device="cuda", max_batch=2, max_len=160,
+                            overlap_selection=overlap)
+        results = engine.generate(prompts(), max_new_tokens=[40, 12, 40, 25], ignore_eos=True, temperature=0.6,
+                                  top_p=0.95, seed=3)
+        return engine, [r.token_ids for r in results], engine.kv_stats()
+
+    on, tokens_on, stats_on = run(True)
+    off, tokens_off, stats_off = run(False)
+    assert on.executor.overlap and on.executor._side is not None  # the side stream did run
+    assert off.executor._side is None
+    assert tokens_on == tokens_off and stats_on == stats_off
+
+
 def test_method_switch_and_second_engine_in_one_process(checkpoint):
     """set_method after graphs were captured, and a second engine, each capturing again (this failed
     with an allocator assert before the graph pool was dropped with its graphs)."""

@@ -7,10 +7,13 @@ a step means across layers:
 
 - the role of each layer (``Method.layer_roles``): FULL, SELECT_DENSE, SELECT_SPARSE or SPARSE;
 - the set a selection layer chooses, carried to the layers after it and dropped at the next step;
-- the choice of path: a method's fused GPU selection (``Method.fused_select``) where the cache can
+- the choice of path: a method's fused GPU selection (``Method.fused_attention``) where the cache can
   give scores, a method's fast selection from its per-layer state (``Method.fast_select``) where the
   cache carries one (``DecodeCache.state``, kept by the engine), else the method's reference ``select``;
-- KV-read counting (device tensors, so a captured CUDA graph keeps counting) and observers.
+- KV-read counting (device tensors, so a captured CUDA graph keeps counting) and observers;
+- with ``overlap`` (the engine on CUDA), the fused path's top-k and union on a second stream: they
+  run beside the layer's output projection and MLP and the next layer's projections, and the main
+  stream waits for them only where a sparse layer first reads the set.
 
 Everything stays on the device: no host synchronization, fixed shapes, capturable in a CUDA graph.
 """
@@ -134,6 +137,8 @@ class DecodeExecutor:
     order. ``fused=False`` keeps the selection layers on the reference path (dense attention, then
     ``Method.select``; a method state is still kept up to date); otherwise a method's fused path runs
     wherever the cache offers it, and its fast path wherever the cache carries a state.
+    ``overlap`` (default off; set before the first step): the fused path finishes its set on a
+    second CUDA stream (see the module's docstring); the sets and outputs are the same.
     """
 
     def __init__(self, cfg: SparseConfig, num_layers: int, fused: bool = True):
@@ -147,6 +152,9 @@ class DecodeExecutor:
         self.observers: list[Observer] = []
         self.selection: Selection | None = None
         self.shard_group = None  # a process group: the method selects across tensor-parallel ranks
+        self.overlap = False
+        self._side: torch.cuda.Stream | None = None
+        self._pending = None  # (side stream, the finish that runs there): held until the main stream waits
         self._stats: dict[str, torch.Tensor] | None = None
         self._rows: torch.Tensor | None = None
 
@@ -188,13 +196,41 @@ class DecodeExecutor:
     def begin_step(self, rows: torch.Tensor | None = None) -> None:
         """Start a decode step: forget the last step's set. ``rows`` [B] bool: the rows to count (the
         engine's active rows); None counts every row."""
+        self._join()
         self.selection = None
         self._rows = rows
 
     def end_step(self) -> None:
         """Drop the references a step holds (a captured graph's pool must not outlive them)."""
+        self._join()
         self.selection = None
         self._rows = None
+
+    def _finish_aside(self, finish: Callable[[], Selection], index: int) -> Selection:
+        """Run a fused path's finish (and the count of what its set's readers read) on the side stream,
+        after everything queued so far on the main stream."""
+        main = torch.cuda.current_stream()
+        if self._side is None or self._side.device != main.device:
+            self._side = torch.cuda.Stream(main.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            selection = finish()
+            self._count_readers(index, selection)
+        # finish holds its inputs (the scores) until the main stream has waited: their memory is not
+        # handed to the main stream's kernels while the side stream still reads it.
+        self._pending = (self._side, finish)
+        return selection
+
+    def _join(self) -> None:
+        """The main stream waits for the side stream's set, if one is pending."""
+        if self._pending is not None:
+            torch.cuda.current_stream().wait_stream(self._pending[0])
+            self._pending = None
+
+    def _count_readers(self, index: int, selection: Selection) -> None:
+        if self._readers[index]:
+            counts = selection.counts
+            self._count("read", (counts.float().mean(-1) if selection.per_head else counts) * self._readers[index])
 
     def _select(self, q, cache: DecodeCache) -> Selection:
         """The reference path's set (or the method's fast one from its state where the cache carries
@@ -224,12 +260,17 @@ class DecodeExecutor:
         if cache.state is not None:
             self.method.update_state(self.cfg, cache)
         selection = None
+        counted = False
         if role in (LayerRole.FULL, LayerRole.SELECT_DENSE):
             fused = None
             if role is LayerRole.SELECT_DENSE and self.shard_group is None and self.fused:
-                fused = self.method.fused_select(self.cfg, q, cache, scale)
+                fused = self.method.fused_attention(self.cfg, q, cache, scale)
             if fused is not None:
-                out, selection = fused
+                out, finish = fused
+                if self.overlap and q.is_cuda and not self.observers:
+                    selection, counted = self._finish_aside(finish, index), True
+                else:
+                    selection = finish()
             else:
                 out = dense() if dense is not None else cache.dense(q, scale)
                 if role is LayerRole.SELECT_DENSE:
@@ -237,15 +278,15 @@ class DecodeExecutor:
             if selection is not None:
                 self.selection = selection
         else:
+            self._join()
             if role is LayerRole.SELECT_SPARSE:
                 self.selection = self._select(q, cache)
             selection = self.selection
             if selection is None:
                 raise RuntimeError(f"layer {index}: a sparse layer ran before any selection in this step")
             out = cache.sparse(q, selection, scale)
-        if self._readers[index]:
-            counts = self.selection.counts
-            self._count("read", (counts.float().mean(-1) if self.selection.per_head else counts) * self._readers[index])
+        if not counted:
+            self._count_readers(index, self.selection)
         for observer in self.observers:
             observer(index, role, q, cache.keys(), cache.values(), cache.valid(), selection, out)
         return out

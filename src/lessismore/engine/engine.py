@@ -91,6 +91,8 @@ class Engine:
     prefill_chunk: prompt tokens per prefill pass.
     sync_every: decode steps between host looks at the state.
     seed, weights: for a ``ModelConfig``: the seed of the random weights, or the weights themselves.
+    overlap_selection: a fused selection layer's top-k and union on a second stream, beside the rest
+               of the layer (default: on CUDA; ``DecodeExecutor.overlap``).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class Engine:
         sync_every: int = 16,
         seed: int = 0,
         weights: Weights | None = None,
+        overlap_selection: bool | None = None,
     ):
         require_sparse_config(cfg)
         if int(max_batch) < 1:
@@ -130,6 +133,7 @@ class Engine:
         self.model_config = mcfg
         self.model = Model(mcfg, weights, self.max_len, device, dtype)
         self.use_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.overlap_selection = device.type == "cuda" if overlap_selection is None else bool(overlap_selection)
         self.prefill_chunk = int(prefill_chunk)
         self.sync_every = max(1, int(sync_every))
         self._graphs = GraphRunner(device, self._step, self._warmup, self._release) if self.use_graphs else None
@@ -161,6 +165,7 @@ class Engine:
             self._graphs.reset()
         self.cfg = cfg.resolve(mcfg.model_type, mcfg.num_layers, mcfg.hidden_size)
         self.executor = DecodeExecutor(self.cfg, mcfg.num_layers)
+        self.executor.overlap = self.overlap_selection
         self.executor.reset_stats(self.device)
         self._alloc_method_state()
 

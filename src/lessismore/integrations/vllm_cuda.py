@@ -84,7 +84,7 @@ class StepRows:
 def _has_fused_selection(executor: DecodeExecutor) -> bool:
     """Whether the selection layers take the method's fused path (the one that fills the score buffer):
     not where the set is chosen across ranks."""
-    return (type(executor.method).fused_select is not Method.fused_select and executor.shard_group is None
+    return (type(executor.method).fused_attention is not Method.fused_attention and executor.shard_group is None
             and LayerRole.SELECT_DENSE in executor.roles)
 
 

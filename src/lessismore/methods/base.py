@@ -101,10 +101,20 @@ class Method:
             raise NotImplementedError(f"method {self.name!r}: no selection across tensor-parallel ranks")
         return self.select(cfg, q, k, valid)
 
-    def fused_select(self, cfg: SparseConfig, q: torch.Tensor, cache, scale: float | None):
-        """A selection layer's fused GPU path: (dense attention output [B, Hq, D], Selection equal to
-        ``select``), or None where the method or the cache (a ``decode.DecodeCache``) has none."""
+    def fused_attention(self, cfg: SparseConfig, q: torch.Tensor, cache, scale: float | None):
+        """A selection layer's fused GPU path, in two parts: (dense attention output [B, Hq, D],
+        finish), where ``finish()`` makes the Selection equal to ``select`` from what the attention
+        left (its scores); None where the method or the cache (a ``decode.DecodeCache``) has none.
+        The executor may run ``finish`` on a second stream, beside the rest of the layer."""
         return None
+
+    def fused_select(self, cfg: SparseConfig, q: torch.Tensor, cache, scale: float | None):
+        """``fused_attention`` in one call: (dense attention output, Selection), or None."""
+        found = self.fused_attention(cfg, q, cache, scale)
+        if found is None:
+            return None
+        out, finish = found
+        return out, finish()
 
     # ---- per-layer decode state (the engine keeps one per non-full layer; HF and vLLM keep none) ----
 

@@ -63,9 +63,9 @@ class TidalDecode(Method):
         mask = tidaldecode_mask(grouped_scores(q, k), valid, cfg.budget)
         return mask_to_selection(mask, min(cfg.budget, valid.shape[-1]))
 
-    def fused_select(self, cfg, q, cache, scale):
+    def fused_attention(self, cfg, q, cache, scale):
         found = cache.dense_with_scores(q, scale, 0, 1)  # scores of every slot but the current one
         if found is None:
             return None
         out, scores = found
-        return out, selection_from_scores(scores, cache.lengths, cfg.budget, cache.kernels)
+        return out, lambda: selection_from_scores(scores, cache.lengths, cfg.budget, cache.kernels)

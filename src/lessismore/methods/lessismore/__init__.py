@@ -32,9 +32,9 @@ class LessIsMore(Method):
 
         return select_across_ranks(cfg, q, k, valid, group)
 
-    def fused_select(self, cfg, q, cache, scale):
+    def fused_attention(self, cfg, q, cache, scale):
         if not cache.triton_readable:
             return None  # before the import: Triton may not be installed
-        from lessismore.methods.lessismore.triton import fused_select
+        from lessismore.methods.lessismore.triton import fused_attention
 
-        return fused_select(cfg, q, cache, scale)
+        return fused_attention(cfg, q, cache, scale)

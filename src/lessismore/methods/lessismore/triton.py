@@ -187,28 +187,37 @@ def union_prefix(k: int) -> int:
     return k if k <= 64 else triton.next_power_of_2(k) // 2
 
 
-def fused_select(cfg: SparseConfig, q, cache, scale=None, prefix=None):
-    """The selection layer: (dense attention output [B, Hq, D] in q's dtype, the set of
-    ``methods.get("lessismore").select`` over the cache's tokens), or None when ``cache`` (a
+def fused_attention(cfg: SparseConfig, q, cache, scale=None, prefix=None):
+    """The selection layer as ``Method.fused_attention``: (dense attention output [B, Hq, D] in q's
+    dtype, finish), ``finish()`` giving the set of ``methods.get("lessismore").select`` over the
+    cache's tokens from the attention's scores (top-k and union); None when ``cache`` (a
     ``decode.DecodeCache`` the kernels read) cannot give scores. prefix: the ranks sorted first
     (default ``union_prefix``; the set does not depend on it)."""
     recent, sinks = cfg.recent_share, cfg.effective_sinks
-    length = cache.span
-    top = values = deeper = None
-    if cfg.budget > recent:
-        found = cache.dense_with_scores(q, scale, sinks, recent - sinks)
-        if found is None:
-            return None
-        out, scores = found
-        kk = min(cfg.budget - recent, length)
-        depth = min(union_prefix(kk) if prefix is None else prefix, kk)
-        values, top = ops.topk_desc(scores, depth, cache.lengths, triton=cache.kernels)
-        if depth < kk:
-            def deeper(rows):
-                return ops.topk_desc(scores, kk, cache.lengths, active=rows, triton=cache.kernels)
-    else:
-        out = cache.dense(q, scale)
-    return out, union_selection(top, values, cache.lengths, length, cfg.budget, recent, sinks, deeper)
+    length, lengths = cache.span, cache.lengths
+    if cfg.budget <= recent:  # nothing ranked: no scores needed
+        return cache.dense(q, scale), lambda: union_selection(None, None, lengths, length, cfg.budget, recent, sinks)
+    found = cache.dense_with_scores(q, scale, sinks, recent - sinks)
+    if found is None:
+        return None
+    out, scores = found
+    kk = min(cfg.budget - recent, length)
+    depth = min(union_prefix(kk) if prefix is None else prefix, kk)
+
+    def deeper(rows):
+        return ops.topk_desc(scores, kk, lengths, active=rows, triton=cache.kernels)
+
+    def finish():
+        values, top = ops.topk_desc(scores, depth, lengths, triton=cache.kernels)
+        return union_selection(top, values, lengths, length, cfg.budget, recent, sinks, deeper if depth < kk else None)
+
+    return out, finish
 
 
-__all__ = ["fused_select", "union_selection", "union_prefix"]
+def fused_select(cfg: SparseConfig, q, cache, scale=None, prefix=None):
+    """``fused_attention`` in one call: (dense attention output, Selection), or None."""
+    found = fused_attention(cfg, q, cache, scale, prefix)
+    return None if found is None else (found[0], found[1]())
+
+
+__all__ = ["fused_attention", "fused_select", "union_selection", "union_prefix"]
