@@ -30,7 +30,8 @@ from lessismore.methods.lessismore import lessismore_mask
 from lessismore.ops import triton_decode
 
 from lessismore.decode import DecodeCache
-from lessismore.methods.lessismore.triton import fused_select, union_prefix, union_selection
+from lessismore.methods.lessismore import union_prefix
+from lessismore.methods.lessismore.triton import fused_select, union_selection
 from lessismore.ops import topk
 
 

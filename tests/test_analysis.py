@@ -110,6 +110,10 @@ def test_union_depth_in_the_run(result):
     k, heads = depth["ranked_k"], depth["heads"]
     assert k / heads <= depth["mean_ranks"] <= k
     assert sum(depth["share_of_steps"]) == pytest.approx(1.0)
+    # The share past the prefix lies between the bins' shares past its bin's bounds.
+    bins = depth["share_of_steps"]
+    at = depth["prefix_ranks"] / k * len(bins)
+    assert sum(bins[math.ceil(at):]) - 1e-9 <= depth["past_prefix"] <= sum(bins[math.floor(at):]) + 1e-9
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from lessismore.config import SparseConfig  # noqa: E402
 from lessismore.methods import Selection, get  # noqa: E402
 from lessismore.methods.base import grouped_scores, mask_to_selection  # noqa: E402
-from lessismore.methods.lessismore import lessismore_mask, unified_union  # noqa: E402
+from lessismore.methods.lessismore import lessismore_mask, unified_union, union_prefix  # noqa: E402
 from lessismore.analysis.metrics import union_depth  # noqa: E402
 from lessismore.ops import naive  # noqa: E402
 from lessismore.decode import DecodeCache  # noqa: E402
@@ -195,6 +195,11 @@ def test_union_matches_reference(heads, length, budget):
     ranked = sel.indices[:, sinks:budget - recent + sinks]
     assert torch.equal(chosen[full].sum(-1), torch.full_like(chosen[full].sum(-1), budget - recent))
     assert torch.equal(ranked[full], chosen[full].nonzero()[:, 1].view(-1, budget - recent))
+
+
+def test_union_prefix_rule():
+    """Half of k's power of two, k itself up to 64."""
+    assert [union_prefix(k) for k in (1, 64, 65, 192, 1024, 1536, 3072)] == [1, 64, 64, 128, 512, 1024, 2048]
 
 
 @pytest.mark.parametrize("prefix", [1, 6, 12])

@@ -54,7 +54,9 @@ def summary_markdown(summary: dict) -> str:
             "",
             f"Union depth: the rank-major union reads {_fmt(summary['union_depth']['mean_ranks'], 1)} ranks of each "
             f"head's list on average for its k = {summary['union_depth']['ranked_k']} positions "
-            f"({summary['union_depth']['heads']} heads; k / heads if the lists were disjoint, k if equal).",
+            f"({summary['union_depth']['heads']} heads; k / heads if the lists were disjoint, k if equal); "
+            f"{_fmt(summary['union_depth']['past_prefix'], 4)} of the steps read past the "
+            f"{summary['union_depth']['prefix_ranks']} ranks the GPU selection layer sorts first.",
             "",
             "| recent ratio (Fig. 9) | " + " | ".join(str(r) for r in rr["ratios"]) + " |",
             "| --- | " + " | ".join("---:" for _ in rr["ratios"]) + " |",

@@ -31,6 +31,7 @@ from lessismore.analysis.traces import Batch, Trace, pack_batches
 from lessismore.config import FULL, SETTINGS, SparseConfig, require_sparse_config
 from lessismore.integrations import hf
 from lessismore.methods import LayerRole
+from lessismore.methods.lessismore import union_prefix
 
 DEFAULT_METHODS = ("lessismore", "tidaldecode", "quest", "streaming", "oracle")
 DEFAULT_RECENT_RATIOS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
@@ -142,7 +143,7 @@ class _Extras:
         self.ratio = {r: _Sum() for r in self.ratios}
         self.agg_selection = {a: _Sum() for a in AGGREGATIONS}
         self.agg_every = {a: _Sum() for a in AGGREGATIONS}
-        self.depth, self.depth_share = _Sum(), _Sum((DEPTH_BINS,))
+        self.depth, self.depth_share, self.past_prefix = _Sum(), _Sum((DEPTH_BINS,)), _Sum()
         self.sets: dict = {}
 
     def observe(self, layer, q, k, valid, scale, counted: torch.Tensor) -> None:
@@ -168,6 +169,7 @@ class _Extras:
             share = depth.nan_to_num(1.0) / max(1, cfg.ranked_share)  # (0, 1]
             bins = (share * DEPTH_BINS).ceil().long().clamp(1, DEPTH_BINS) - 1
             self.depth_share.add(torch.nn.functional.one_hot(bins.cpu(), DEPTH_BINS), ranked[:, None])
+            self.past_prefix.add((depth > union_prefix(cfg.ranked_share)).double(), ranked)
         elif role is LayerRole.SPARSE and self.sets:
             for r in self.ratios:
                 self.ratio[r].add(M.attention_recall(probs, self.sets[("ratio", r)]), heads_w)
@@ -221,7 +223,11 @@ class _Extras:
                 "share_of_steps": _nan_to_none(self.depth_share.mean()),
                 "definition": "ranks of each head's list the rank-major union reads before it holds k positions, "
                 "at the selection layers on the full run's q/K (k / heads when the lists are disjoint, k when equal); "
-                "share_of_steps: the share of (row, step, selection layer) whose depth falls in each bin",
+                "share_of_steps: the share of (row, step, selection layer) whose depth falls in each bin; "
+                "past_prefix: the share deeper than the ranks the GPU selection layer sorts first (union_prefix), "
+                "which take its second top-k",
+                "prefix_ranks": union_prefix(self.cfg.ranked_share),
+                "past_prefix": _nan_to_none(self.past_prefix.mean()),
             },
             "aggregation": {
                 "selection_layers": {a: _nan_to_none(self.agg_selection[a].mean()) for a in AGGREGATIONS},

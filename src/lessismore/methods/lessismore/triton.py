@@ -21,7 +21,8 @@ The union (``union_selection``) runs in five small kernels, all grids fixed by t
      recent window around them, or 0..n-1 when n <= budget.
 
 The union reads each head's list in rank order and stops at the k-th distinct position, which on real
-traces comes after a quarter to a third of the k ranks (``analysis.metrics.union_depth``). So the
+traces comes after a quarter to a third of the k ranks, past the prefix below in 0.3-0.7% of the
+rows (``analysis.metrics.union_depth``). So the
 layer's top-k orders only a prefix of each list (``union_prefix``: 1,024 of k = 1,536, the bitonic
 sort of half the slots); a row whose prefix runs out of ranks before k positions is flagged by the
 union, and a second top-k of all k ranks, whose programs return at once for the other rows, and a
@@ -36,6 +37,7 @@ import triton.language as tl
 
 from lessismore.config import SparseConfig
 from lessismore.methods.base import Selection
+from lessismore.methods.lessismore import union_prefix
 from lessismore import ops
 
 _RANKS = 32  # ranks per block of the list pass (x H heads)
@@ -179,14 +181,6 @@ def _union_pass(top, values, lengths, length, budget, recent, sinks, first, thre
         )
 
 
-def union_prefix(k: int) -> int:
-    """Ranks of each head's list the selection layer sorts first: half of k's power of two (1,024 of
-    k = 1,536), k itself up to 64. On real traces the union reads 0.25-0.32 k on average and past
-    0.625 k in ~1% of the steps (``union_depth``, docs/analysis.md); a row that needs more ranks gets
-    its whole lists from a second top-k."""
-    return k if k <= 64 else triton.next_power_of_2(k) // 2
-
-
 def fused_attention(cfg: SparseConfig, q, cache, scale=None, prefix=None):
     """The selection layer as ``Method.fused_attention``: (dense attention output [B, Hq, D] in q's
     dtype, finish), ``finish()`` giving the set of ``methods.get("lessismore").select`` over the
@@ -220,4 +214,4 @@ def fused_select(cfg: SparseConfig, q, cache, scale=None, prefix=None):
     return None if found is None else (found[0], found[1]())
 
 
-__all__ = ["fused_attention", "fused_select", "union_selection", "union_prefix"]
+__all__ = ["fused_attention", "fused_select", "union_selection"]
