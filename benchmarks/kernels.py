@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lessismore.analysis.metrics import union_depth
 from lessismore.config import SparseConfig
 from lessismore.methods.base import mask_to_selection
 from lessismore.methods.lessismore import lessismore_mask
@@ -317,6 +318,29 @@ def run_selection(args, bw, results):
         rec["union_prefix_and_deeper_launch_ms"] = t * 1e3
         sel = prefix_union(0)
         rec["union_prefix_equal_reference"] = bool(torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts))
+        # The union stops at the k-th distinct position, so its time depends on how much the heads'
+        # lists overlap: random heads (above), heads that agree in part, and one list for all heads.
+        middle = scores > float("-inf")
+        shared = torch.randn(b, 1, length, device=DEVICE)
+        cases = {"random": (values, top)}
+        for case, noise in (("agree", 0.5), ("same_list", 0.0)):
+            mixed = (shared + noise * torch.randn(b, HQ, length, device=DEVICE)).masked_fill(~middle, float("-inf"))
+            case_values, case_top = cases[case] = mixed.topk(k_rank, dim=-1)
+            t, _ = bench(lambda i: union_selection(case_top, case_values, lengths, length, cfg.budget, recent, sinks), 1)
+            sel = union_selection(case_top, case_values, lengths, length, cfg.budget, recent, sinks)
+            ref = mask_to_selection(lessismore_mask(mixed, valid, cfg.budget, recent, sinks), cfg.budget)
+            rec[f"union_{case}_ms"] = t * 1e3
+            rec[f"union_{case}_depth"] = union_depth(mixed, valid, cfg.budget, 0.25, 4).mean().item()
+            rec[f"union_{case}_equal_reference"] = bool(torch.equal(sel.indices, ref.indices)
+                                                       and torch.equal(sel.counts, ref.counts))
+            del mixed
+        if args.union_sweep:  # list entries per step x warps, per case (the set does not depend on them)
+            rec["union_sweep_ms"] = {
+                f"{case} tile{tile} w{warps}": bench(lambda i: union_selection(
+                    lists[1], lists[0], lengths, length, cfg.budget, recent, sinks, tile=tile, num_warps=warps), 1)[0] * 1e3
+                for case, lists in cases.items() for tile in (1024, 2048, 4096, 8192) for warps in (8, 16)}
+        del cases
+        rec["union_random_depth"] = union_depth(scores, valid, cfg.budget, 0.25, 4).mean().item()
         rec["select_over_sdpa_full"] = rec["select_ms"] / rec["sdpa_full_ms"]
         results.append(rec)
         print(json.dumps(rec), flush=True)
@@ -414,6 +438,7 @@ def main():
     p.add_argument("--sel-shapes", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[(32, 32768)],
                    help="BxL shapes for the selection layer")
     p.add_argument("--sel-budget", type=int, default=2048)
+    p.add_argument("--union-sweep", action="store_true", help="time the union at several tiles and warp counts")
     p.add_argument("--sweep-points", type=lambda s: tuple(int(x) for x in s.split("x")), nargs="*", default=[],
                    help="BxLxK points for a kernel-configuration sweep")
     p.add_argument("--apply-sweep", action="store_true", help="use the sweep's best settings for the rest of the run")

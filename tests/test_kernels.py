@@ -173,9 +173,11 @@ def test_select_lessismore_cache_shorter_than_budget():
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
 
 
+@pytest.mark.parametrize("tile", [4096, 16])
 @pytest.mark.parametrize("heads,length,budget", [(8, 400, 64), (5, 97, 40)] + ([(32, 32768, 2048)] if ON_GPU else []))
-def test_union_matches_reference(heads, length, budget):
-    """The fast union on random real-valued scores (same scores for both sides), rows of several lengths."""
+def test_union_matches_reference(heads, length, budget, tile):
+    """The fast union on random real-valued scores (same scores for both sides), rows of several lengths;
+    tile 16: two ranks a step, so the union crosses many steps before the one that passes k."""
     cfg = SparseConfig(method="lessismore", budget=budget, recent_ratio=0.25, sink_tokens=4)
     b = 3
     lengths = torch.tensor([length, budget + 1, length // 2], device=DEVICE, dtype=torch.int32)
@@ -186,7 +188,7 @@ def test_union_matches_reference(heads, length, budget):
     pos = torch.arange(length, device=DEVICE)
     middle = valid & (pos >= sinks) & (pos < lengths.view(-1, 1) - (recent - sinks))
     values, top = naive.topk_desc(scores.masked_fill(~middle[:, None], float("-inf")), budget - recent)
-    sel = lessismore_triton.union_selection(top, values, lengths, length, budget, recent, sinks)
+    sel = lessismore_triton.union_selection(top, values, lengths, length, budget, recent, sinks, tile=tile)
     ref = mask_to_selection(lessismore_mask(scores, valid, budget, recent, sinks), min(budget, length))
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
     # The ranked part alone is unified_union's set.
@@ -202,8 +204,9 @@ def test_union_prefix_rule():
     assert [union_prefix(k) for k in (1, 64, 65, 192, 1024, 1536, 3072)] == [1, 64, 64, 128, 512, 1024, 2048]
 
 
+@pytest.mark.parametrize("tile", [4096, 16])
 @pytest.mark.parametrize("prefix", [1, 6, 12])
-def test_union_prefix_completes_rows_that_run_out(prefix):
+def test_union_prefix_completes_rows_that_run_out(prefix, tile):
     """The union over the first `prefix` ranks of each head's list: the rows whose union reads deeper
     (``union_depth`` > prefix) and only those get the whole lists, and every row has the reference set.
     Rows: heads that share one list (depth k), independent heads (depth about k / H), heads that agree
@@ -225,7 +228,7 @@ def test_union_prefix_completes_rows_that_run_out(prefix):
         return naive.topk_desc(masked, k)
 
     values, top = naive.topk_desc(masked, prefix)
-    sel = lessismore_triton.union_selection(top, values, lengths, length, cfg.budget, recent, sinks, deeper)
+    sel = lessismore_triton.union_selection(top, values, lengths, length, cfg.budget, recent, sinks, deeper, tile=tile)
     ref = mask_to_selection(lessismore_mask(scores, valid, cfg.budget, recent, sinks), cfg.budget)
     assert torch.equal(sel.indices, ref.indices) and torch.equal(sel.counts, ref.counts)
     depth = union_depth(scores, valid, cfg.budget, cfg.recent_ratio, cfg.sink_tokens)

@@ -9,16 +9,12 @@ dot products summed in another order, so on real data two scores within rounding
 swap places; on data whose products and sums are exact in fp32 the sets are identical, ties and all
 (the tests check that).
 
-The union (``union_selection``) runs in five small kernels, all grids fixed by the shapes:
-  over the heads' lists in rank-major order j = rank * H + head (tiles of 32 ranks x H heads):
-  1. first[b, pos] = min j over the list entries at pos (atomic min);
-  2. flag the first occurrences (first[b, pos] == j) and count them per tile;
-  3. the first occurrence whose rank among them is k - 1 (tile prefix + cumsum over the flags) writes
-     its j to thresh[b];
-  then over the positions: a slot is ranked in iff first[b, pos] <= thresh[b] (exactly k of them)
-  4. per block of slots, how many are in;
-  5. each in-slot's place (block prefix + cumsum), written after the sinks, with the sinks and the
-     recent window around them, or 0..n-1 when n <= budget.
+The union (``union_selection``) is one kernel, one program per row (fixed grid). It walks the heads'
+lists in rank-major order j = rank * H + head, a tile of ranks x heads at a time, and stops at the
+tile that brings the k-th distinct position: each entry claims its position in a bitmap of the row
+(atomic or), the last tile settles which of its new positions come first in list order (atomic min
+of j), and the bitmap's set bits, ascending, are the ranked part, written after the sinks with the
+recent window behind them (or 0..n-1 when n <= budget).
 
 The union reads each head's list in rank order and stops at the k-th distinct position, which on real
 traces comes after a quarter to a third of the k ranks, past the prefix below in 0.3-0.7% of the
@@ -26,7 +22,7 @@ rows (``analysis.metrics.union_depth``). So the
 layer's top-k orders only a prefix of each list (``union_prefix``: 1,024 of k = 1,536, the bitonic
 sort of half the slots); a row whose prefix runs out of ranks before k positions is flagged by the
 union, and a second top-k of all k ranks, whose programs return at once for the other rows, and a
-second union pass over the flagged rows complete it. Both launches are always made (fixed shapes,
+second union pass redoes those rows from their whole lists. Both launches are always made (fixed shapes,
 no host look); the set is the same either way.
 """
 from __future__ import annotations
@@ -40,86 +36,112 @@ from lessismore.methods.base import Selection
 from lessismore.methods.lessismore import union_prefix
 from lessismore import ops
 
-_RANKS = 32  # ranks per block of the list pass (x H heads)
-_POSITIONS = 1024  # positions per block of the position pass
+_TILE = 4096  # list entries (ranks x heads) per step of the union
+_WORDS = 1024  # words of the position bitmap per step of its scan
 
 
 @triton.jit
-def _blocks_before(BCOUNT, row, blk, NBLK_PAD: tl.constexpr):
-    """Sum of the per-block counts of row ``row`` (NBLK_PAD entries a row) before block ``blk``."""
-    offs = tl.arange(0, NBLK_PAD)
-    return tl.sum(tl.load(BCOUNT + row * NBLK_PAD + offs, mask=offs < blk, other=0), 0)
+def _list_tile(top_row, val_row, r0, rank, head, KK, H):
+    """Positions and realness of ranks [r0, r0 + R) of every head (a [R, H_PAD] tile of list order)."""
+    r = r0 + rank
+    live = (r < KK) & (head < H)
+    pos = tl.load(top_row + r, mask=live, other=0).to(tl.int32)  # coalesced over ranks
+    ok = live & (tl.load(val_row + r, mask=live, other=float("-inf")) > float("-inf"))
+    return pos, ok
 
 
 @triton.jit
-def _list_kernel(TOP, VAL, FIRST, FLAGS, BCOUNT, THRESH, ACTIVE, stride_tb, stride_th, stride_vb, stride_vh,
-                 H, KK, L, K, PHASE: tl.constexpr, R: tl.constexpr, H_PAD: tl.constexpr, NBLK_PAD: tl.constexpr,
-                 HAS_ACTIVE: tl.constexpr):
-    """Ranks [blk*R, blk*R+R) of every head of row b, in list order j = rank * H + head.
-    PHASE 0: first[pos] = min j. 1: flag the first occurrences (FLAGS[b, j]) and count them per block.
-    2: THRESH[b] = the j of the K-th first occurrence of the row. HAS_ACTIVE: rows with ACTIVE[b] == 0
-    are left alone."""
+def _popcount(x):
+    """Set bits of each int32 (arithmetic shifts: every mask clears the bits they smear)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    return (x + (x >> 16)) & 0x3F
+
+
+@triton.jit
+def _union_kernel(TOP, VAL, LEN, ACTIVE, FIRST, SEEN, OUT, COUNTS, SHORT, stride_tb, stride_th, stride_vb, stride_vh,
+                  H, KK, L, NW, budget, sinks, window, K, KOUT, R: tl.constexpr, H_PAD: tl.constexpr,
+                  WB: tl.constexpr, HAS_LISTS: tl.constexpr, HAS_ACTIVE: tl.constexpr):
+    """Row b's set (see union_selection). The ranked part: the lists' tiles in list order, each entry
+    claiming its position in the row's bitmap SEEN (atomic or: exactly one entry per new position
+    sees its bit unset) until K positions are claimed; in the tile that passes K the new positions'
+    first list index comes from an atomic min over FIRST and the positions past the K-th are given
+    back. FIRST needs no clearing: claimants of earlier tiles mark their positions -1 and those of the
+    last tile +inf before the min, and only new positions are read. Then the bitmap's set bits,
+    ascending, after the sinks. HAS_ACTIVE: rows with ACTIVE[b] == 0 are left alone."""
     b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
     if HAS_ACTIVE:
         if tl.load(ACTIVE + b) == 0:
             return
-    if PHASE == 2:
-        j = blk * R * H + tl.arange(0, R * H_PAD)
-        flags = tl.load(FLAGS + b * KK * H + j, mask=(j < (blk + 1) * R * H) & (j < KK * H), other=0).to(tl.int32)
-        order = _blocks_before(BCOUNT, b, blk, NBLK_PAD) + tl.cumsum(flags, 0) - 1
-        tl.store(THRESH + b + tl.zeros_like(order), j, mask=(flags == 1) & (order == K - 1))
-    else:
-        rank = blk * R + tl.arange(0, R)[:, None]
-        head = tl.arange(0, H_PAD)[None, :]
-        live = (rank < KK) & (head < H)
-        pos = tl.load(TOP + b * stride_tb + head * stride_th + rank, mask=live, other=0)  # coalesced over ranks
-        ok = live & (tl.load(VAL + b * stride_vb + head * stride_vh + rank, mask=live, other=float("-inf"))
-                     > float("-inf"))
-        j = rank * H + head
-        first = FIRST + b * L + pos
-        if PHASE == 0:
-            tl.atomic_min(first, j, mask=ok)
-        else:
-            is_first = ok & (tl.load(first, mask=ok, other=-1) == j)
-            tl.store(FLAGS + b * KK * H + j, is_first.to(tl.int8), mask=live)
-            tl.store(BCOUNT + b * NBLK_PAD + blk, tl.sum(tl.sum(is_first.to(tl.int32), 1), 0))
-
-
-@triton.jit
-def _position_kernel(FIRST, THRESH, LEN, BCOUNT, OUT, COUNTS, ACTIVE, SHORT, L, budget, sinks, window, K, KOUT,
-                     PHASE: tl.constexpr, BLOCK: tl.constexpr, NBLK_PAD: tl.constexpr, HAS_ACTIVE: tl.constexpr):
-    """Slots [blk*BLOCK, +BLOCK) of row b; a slot is ranked in iff first[pos] <= THRESH[b]. PHASE 0:
-    count them. 1: write them ascending after the sinks, and (block 0) the sinks, the recent window, the
-    count and SHORT[b] (the lists ran out before K positions: THRESH[b] unset in a row past the budget).
-    A row with n <= budget gets 0..n-1. Entries past the count repeat slot L - 1. HAS_ACTIVE: rows with
-    ACTIVE[b] == 0 are left alone."""
-    b = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
-    if HAS_ACTIVE:
-        if tl.load(ACTIVE + b) == 0:
-            return
-    pos = blk * BLOCK + tl.arange(0, BLOCK)
     n = tl.load(LEN + b).to(tl.int32)
     whole = n <= budget
-    flags = ((pos < L) & (tl.load(FIRST + b * L + pos, mask=pos < L, other=2147483647) <= tl.load(THRESH + b))
-             & (K > 0)).to(tl.int32)
-    if PHASE == 0:
-        tl.store(BCOUNT + b * NBLK_PAD + blk, tl.sum(flags, 0))
-    else:
-        order = _blocks_before(BCOUNT, b, blk, NBLK_PAD) + tl.cumsum(flags, 0) - 1
-        tl.store(OUT + b * KOUT + sinks + order, pos.to(tl.int64), mask=(flags == 1) & ~whole)
-        if blk == 0:
-            for i0 in range(0, KOUT, BLOCK):
-                i = i0 + tl.arange(0, BLOCK)
-                fixed = tl.where(whole, tl.where(i < n, i, L - 1), tl.where(i < sinks, i, n - window + (i - sinks - K)))
-                tl.store(OUT + b * KOUT + i, fixed.to(tl.int64),
-                         mask=(i < KOUT) & (whole | (i < sinks) | (i >= sinks + K)))
-            tl.store(COUNTS + b, tl.minimum(n, budget))
-            tl.store(SHORT + b, ((tl.load(THRESH + b) < 0) & ~whole & (K > 0)).to(tl.int32))
+    out_row = OUT + b * KOUT
+    # Sinks and the recent window around the ranked slots, or 0..n-1 (then slot L - 1) for a whole row.
+    for i0 in range(0, KOUT, WB):
+        i = i0 + tl.arange(0, WB)
+        fixed = tl.where(whole, tl.where(i < n, i, L - 1), tl.where(i < sinks, i, n - window + (i - sinks - K)))
+        tl.store(out_row + i, fixed.to(tl.int64), mask=(i < KOUT) & (whole | (i < sinks) | (i >= sinks + K)))
+    tl.store(COUNTS + b, tl.minimum(n, budget))
+    total = n & 0
+    if HAS_LISTS:
+        if (~whole) & (K > 0):
+            seen_row = SEEN + b * NW
+            first_row = FIRST + b * L
+            for w0 in range(0, NW, WB):
+                w = w0 + tl.arange(0, WB)
+                tl.store(seen_row + w, tl.zeros([WB], tl.int32), mask=w < NW)
+            tl.debug_barrier()  # the bitmap is clear before any thread claims a bit
+            rank = tl.arange(0, R)[:, None]
+            head = tl.arange(0, H_PAD)[None, :]
+            top_row = TOP + b * stride_tb + head * stride_th
+            val_row = VAL + b * stride_vb + head * stride_vh
+            pos, ok = _list_tile(top_row, val_row, 0, rank, head, KK, H)
+            r0 = n & 0
+            while (total < K) & (r0 < KK):
+                word = seen_row + (pos >> 5)
+                bit = tl.full([R, H_PAD], 1, tl.int32) << (pos & 31)
+                old = tl.atomic_or(word, bit, mask=ok, sem="relaxed")
+                claim = ok & ((old & bit) == 0)
+                claimed = tl.sum(tl.sum(claim.to(tl.int32), 1), 0)
+                next_pos, next_ok = _list_tile(top_row, val_row, r0 + R, rank, head, KK, H)  # in flight meanwhile
+                if total + claimed <= K:
+                    tl.store(first_row + pos, tl.full([R, H_PAD], -1, tl.int32), mask=claim)
+                    total += claimed
+                else:
+                    # The last tile: keep its first K - total new positions in list order.
+                    tl.store(first_row + pos, tl.full([R, H_PAD], 2147483647, tl.int32), mask=claim)
+                    tl.debug_barrier()
+                    j = (r0 + rank) * H + head
+                    tl.atomic_min(first_row + pos, j, mask=ok, sem="relaxed")
+                    tl.debug_barrier()
+                    is_first = ok & (tl.load(first_row + pos, mask=ok, other=-1, cache_modifier=".cg") == j)
+                    flags = is_first.to(tl.int32)
+                    per = tl.sum(flags, 1)
+                    order = (tl.cumsum(per, 0) - per)[:, None] + tl.cumsum(flags, 1)  # inclusive, in list order
+                    tl.atomic_xor(word, bit, mask=is_first & (order > K - total), sem="relaxed")
+                    total = K + 0 * total
+                pos, ok = next_pos, next_ok
+                r0 += R
+            tl.debug_barrier()  # every claim and give-back is done
+            # The bitmap's set bits, ascending: each word's place from a scan of the words' counts.
+            base = n & 0
+            for w0 in range(0, NW, WB):
+                w = w0 + tl.arange(0, WB)
+                bits = tl.load(seen_row + w, mask=w < NW, other=0, cache_modifier=".cg")
+                cnt = _popcount(bits)
+                place = base + tl.cumsum(cnt, 0) - cnt + sinks
+                for i in tl.static_range(32):
+                    hit = ((bits >> i) & 1) == 1
+                    tl.store(out_row + place, (w * 32 + i).to(tl.int64), mask=hit)
+                    place += hit.to(tl.int32)
+                base += tl.sum(cnt, 0)
+    tl.store(SHORT + b, ((total < K) & ~whole).to(tl.int32))
 
 
-def union_selection(top, values, lengths, length, budget, recent, sinks, deeper=None) -> Selection:
+def union_selection(top, values, lengths, length, budget, recent, sinks, deeper=None, *, tile=_TILE,
+                    num_warps=16) -> Selection:
     """The LessIsMore set from each head's top list, as ``lessismore_mask`` + ``mask_to_selection``
     compute it for a contiguous cache (valid slots 0..lengths[b]-1 of ``length``).
 
@@ -131,54 +153,41 @@ def union_selection(top, values, lengths, length, budget, recent, sinks, deeper=
     prefix runs out are completed by ``deeper(rows)``, which gets their [B] int32 flags and returns
     (values, top) of the whole lists (only the flagged rows are read); it is called once, on the
     device, whether or not a row ran out.
+    tile: list entries per step (ranks x heads, a power of two; the set does not depend on it);
+    num_warps: the program's (one program per row).
     Returns Selection(indices [B, min(budget, length)] int64 ascending, counts [B] int32).
     """
     b = lengths.shape[0]
     device = lengths.device
     k = budget - recent
-    first = torch.full((b, length), 2147483647, device=device, dtype=torch.int32)
-    thresh = torch.full((b,), -1, device=device, dtype=torch.int32)
     indices = torch.empty((b, min(budget, length)), device=device, dtype=torch.int64)
     counts = torch.empty((b,), device=device, dtype=torch.int32)
     short = torch.empty((b,), device=device, dtype=torch.int32)
-    _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts, short)
+    words = triton.cdiv(length, 32)
+    scratch = (torch.empty((b, length), device=device, dtype=torch.int32),  # FIRST: no clearing needed
+               torch.empty((b, words), device=device, dtype=torch.int32))  # SEEN: cleared by the kernel
+
+    def run(top, values, short, active=None):
+        has_lists = top is not None and k > 0
+        h, kk = (top.shape[1], top.shape[2]) if has_lists else (1, 0)
+        if has_lists and (top.stride(-1) != 1 or values.stride(-1) != 1):
+            top, values = top.contiguous(), values.contiguous()
+        h_pad = triton.next_power_of_2(h)
+        lists = (top, values) if has_lists else (indices, indices)  # unused pointers without lists
+        _union_kernel[(b,)](
+            *lists, lengths, active if active is not None else short, *scratch, indices, counts, short,
+            lists[0].stride(0), lists[0].stride(1) if has_lists else 0, lists[1].stride(0),
+            lists[1].stride(1) if has_lists else 0, h, kk, length, words, budget, sinks, recent - sinks,
+            max(k, 0), indices.shape[1], R=max(1, tile // h_pad), H_PAD=h_pad, WB=_WORDS, HAS_LISTS=has_lists,
+            HAS_ACTIVE=active is not None, num_warps=num_warps,
+        )
+
+    run(top, values, short)
     if deeper is not None and k > 0:
-        # The second pass keeps ``first`` and ``thresh``: the whole lists hold the prefix at the same
-        # list order j, so the minima only fall further, and a short row's thresh is still unset.
         values, top = deeper(short)
         # short stays the flags of the rows completed (its second write would race with its reads).
-        _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts,
-                    torch.empty_like(short), active=short)
+        run(top, values, torch.empty_like(short), active=short)
     return Selection(indices=indices, counts=counts)
-
-
-def _union_pass(top, values, lengths, length, budget, recent, sinks, first, thresh, indices, counts, short, active=None):
-    """The five kernels of the union over these lists, for every row or (active) the flagged ones."""
-    b = lengths.shape[0]
-    device = lengths.device
-    k = budget - recent
-    has_active = active is not None
-    flag_ptr = active if has_active else thresh  # an unused pointer without it
-    if k > 0:
-        h, kk = top.shape[1], top.shape[2]
-        if top.stride(-1) != 1 or values.stride(-1) != 1:
-            top, values = top.contiguous(), values.contiguous()
-        nblk = triton.cdiv(kk, _RANKS)
-        bcount = torch.empty((b, triton.next_power_of_2(nblk)), device=device, dtype=torch.int32)
-        flags = torch.empty((b, kk * h), device=device, dtype=torch.int8)
-        for phase in range(3):
-            _list_kernel[(b, nblk)](
-                top, values, first, flags, bcount, thresh, flag_ptr, top.stride(0), top.stride(1), values.stride(0),
-                values.stride(1), h, kk, length, k, PHASE=phase, R=_RANKS, H_PAD=triton.next_power_of_2(h),
-                NBLK_PAD=bcount.shape[1], HAS_ACTIVE=has_active,
-            )
-    nblk = triton.cdiv(length, _POSITIONS)
-    bcount = torch.empty((b, triton.next_power_of_2(nblk)), device=device, dtype=torch.int32)
-    for phase in range(2):
-        _position_kernel[(b, nblk)](
-            first, thresh, lengths, bcount, indices, counts, flag_ptr, short, length, budget, sinks, recent - sinks,
-            max(k, 0), indices.shape[1], PHASE=phase, BLOCK=_POSITIONS, NBLK_PAD=bcount.shape[1], HAS_ACTIVE=has_active,
-        )
 
 
 def fused_attention(cfg: SparseConfig, q, cache, scale=None, prefix=None):
