@@ -10,7 +10,9 @@ is the median over CUDA-graph replays, each replay running ``--inner`` calls bac
 input sets that together exceed the L2, so no call finds its row in L2 from the call before. Before
 timing, every case is checked against ``naive.topk_desc`` (values bit for bit, indices equal).
 ``breakdown`` splits one call's device time by kernel (torch profiler); ``--sweep`` also times the
-tuning knobs of ``topk_desc`` at B = 32, L = 32K. ``positions``: ``topk_positions`` at TidalDecode's
+tuning knobs of ``topk_desc`` at B = 32, L = 32K; ``--configs`` times launch settings (warps, block,
+group-maximum rows) at every point of the grid, each checked against the reference; ``--grid`` picks the
+points (full rows). ``positions``: ``topk_positions`` at TidalDecode's
 k = 2047 against the top-k then a sort (previous group count, current, torch.topk).
 """
 from __future__ import annotations
@@ -73,13 +75,27 @@ def breakdown(call, device):
     return dict(sorted(((n[:80], round(us, 2)) for n, (_, us) in per.items()), key=lambda kv: -kv[1]))
 
 
+def launch_config(text):
+    """'WARPS:BLOCK:GM_ROWS' -> (text, topk_desc tuning keywords)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WARPS:BLOCK:GM_ROWS (three positive integers)")
+    warps, block, gm_rows = (int(p) for p in parts)
+    return text, {"num_warps": warps, "block": block, "gm_rows": gm_rows}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     ap.add_argument("--sweep", action="store_true", help="also time tuning knobs at B=32, L=32K")
     ap.add_argument("--k", type=int, default=K, help="k of the grid and the sweep (the selection layer's prefix: 1024)")
+    ap.add_argument("--configs", nargs="*", default=[], type=launch_config, metavar="WARPS:BLOCK:GM_ROWS",
+                    help="also time these launch configurations (num_warps, block, gm_rows) at every point of the "
+                         "grid, each checked against the reference")
     ap.add_argument("--no-positions", action="store_true", help="skip TidalDecode's topk_positions")
+    ap.add_argument("--grid", nargs="*", default=None, metavar="BxL", help="points of the grid (default: B in 8, 32 x "
+                    "L in 16K, 32K, full and half lengths)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--inner", type=int, default=10)
     args = ap.parse_args(argv)
@@ -97,6 +113,8 @@ def main(argv=None):
         heads, k, grid = 4, 64, [(2, 1000, False), (2, 1000, True)]
     else:
         heads, k, grid = HEADS, args.k, list(itertools.product([8, 32], [16384, 32768], [False, True]))
+        if args.grid:
+            grid = [(int(b), int(length), False) for b, length in (point.split("x") for point in args.grid)]
     results = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -117,6 +135,13 @@ def main(argv=None):
         row["speedup"] = row["torch_topk_s"] / row["triton_s"]
         row["read_floor_s"] = b * heads * (length // 2 if half else length) * 4 / 4.3e12  # one read at ~copy speed
         row["breakdown_us"] = breakdown(lambda: topk.topk_desc(inputs[0][0], k, inputs[0][1]), device)
+        for config, tuning in args.configs:
+            call = lambda j, tuning=tuning: topk.topk_desc(inputs[j][0], k, inputs[j][1], **tuning)
+            exact = check(lambda s, k_, lengths: topk.topk_desc(s, k_, lengths, **tuning), naive.topk_desc, inputs, k)
+            t = time_calls(call, sets, args.reps, args.inner, device)
+            row.setdefault("configs", {})[config] = {"triton_s": t, "exact": exact}
+            row["exact"] = row["exact"] and exact
+            print(f"    config {config}: {t * 1e6:9.1f} us exact={exact}", flush=True)
         results["grid"].append(row)
         print(f"B={b:3d} L={length:6d} lengths={row['lengths']!s:5s} exact={row['exact']} "
               f"triton {row['triton_s'] * 1e6:9.1f} us  torch.topk {row['torch_topk_s'] * 1e6:9.1f} us  "
