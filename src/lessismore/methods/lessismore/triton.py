@@ -36,7 +36,12 @@ from lessismore.methods.base import Selection
 from lessismore.methods.lessismore import union_prefix
 from lessismore import ops
 
-_TILE = 4096  # list entries (ranks x heads) per step of the union
+# List entries (ranks x heads) per step of the union, and its warps: the fastest of tiles 1024-8192 x 8 or 16
+# warps on random, partly agreeing and identical heads' lists (H100, benchmarks/kernels.py --union-sweep,
+# docs/performance.md): 2048 and 8 warps, 19.7 / 30.5 / 102.5 us at 32 x 32K against 33.9 / 38.8 / 109.8
+# for 4096 and 16 warps.
+_TILE = 2048
+_NUM_WARPS = 8
 _WORDS = 1024  # words of the position bitmap per step of its scan
 
 
@@ -141,7 +146,7 @@ def _union_kernel(TOP, VAL, LEN, ACTIVE, FIRST, SEEN, OUT, COUNTS, SHORT, stride
 
 
 def union_selection(top, values, lengths, length, budget, recent, sinks, deeper=None, *, tile=_TILE,
-                    num_warps=16) -> Selection:
+                    num_warps=_NUM_WARPS) -> Selection:
     """The LessIsMore set from each head's top list, as ``lessismore_mask`` + ``mask_to_selection``
     compute it for a contiguous cache (valid slots 0..lengths[b]-1 of ``length``).
 
