@@ -84,6 +84,14 @@ def launch_config(text):
     return text, {"num_warps": warps, "block": block, "gm_rows": gm_rows}
 
 
+def grid_point(text):
+    """'BxL' -> (B, L, full rows)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BxL (two positive integers)")
+    return int(parts[0]), int(parts[1]), False
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -94,7 +102,7 @@ def main(argv=None):
                     help="also time these launch configurations (num_warps, block, gm_rows) at every point of the "
                          "grid, each checked against the reference")
     ap.add_argument("--no-positions", action="store_true", help="skip TidalDecode's topk_positions")
-    ap.add_argument("--grid", nargs="*", default=None, metavar="BxL", help="points of the grid (default: B in 8, 32 x "
+    ap.add_argument("--grid", nargs="*", default=None, type=grid_point, metavar="BxL", help="points of the grid (default: B in 8, 32 x "
                     "L in 16K, 32K, full and half lengths)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--inner", type=int, default=10)
@@ -113,8 +121,7 @@ def main(argv=None):
         heads, k, grid = 4, 64, [(2, 1000, False), (2, 1000, True)]
     else:
         heads, k, grid = HEADS, args.k, list(itertools.product([8, 32], [16384, 32768], [False, True]))
-        if args.grid:
-            grid = [(int(b), int(length), False) for b, length in (point.split("x") for point in args.grid)]
+        grid = args.grid or grid
     results = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
