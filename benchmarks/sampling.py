@@ -13,7 +13,7 @@ tokens hold the mass) and "tied" (bf16-rounded logits: many exact ties); setting
 records how often the two implementations drew the same token over the timed inputs (they differ only
 where the old fp32 cumulative sum put the top-p boundary differently, or on ties at the boundary).
 With ``--profile`` the per-kernel CUDA times of one new call are added (torch.profiler). ``--sweep``
-instead times launch settings of the new sampler (programs per SM, warps, blocks, digit layouts) at
+instead times launch settings of the new sampler (programs per row, loads in flight, warps, blocks) at
 B = 8 and 32 on flat rows, each kernel on its own too: the data behind the defaults in sampling.py.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main():
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="add per-kernel CUDA times of the new sampler")
     parser.add_argument("--sweep", action="store_true",
-                        help="instead, time launch settings of the new sampler (waves, warps, blocks, digits) on flat rows")
+                        help="instead, time launch settings of the new sampler (programs, stages, warps, blocks) on flat rows")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -133,10 +133,8 @@ def main():
 
     sweep = []
     if args.sweep and cuda:
-        configs = [dict(), dict(waves=4), dict(waves=8), dict(waves=4, num_warps=8, dense_block=512),
-                   dict(waves=8, num_warps=8, dense_block=512), dict(waves=4, dense_block=128),
-                   dict(waves=4, digits=(5, 5, 11, 11), dense=2), dict(waves=4, digits=(4, 4, 8, 8, 8), dense=2)]
-        for b in batches[1:]:  # (B=1 is launch-bound: every setting within 10%)
+        configs = [dict(), dict(programs=16), dict(programs=48), dict(waves=4), dict(stages=1), dict(dense_block=256)]
+        for b in batches:
             logits = make_logits("flat", b, vocab, device, gen)
             for k in (0, 50) if b == 32 else (0,):
                 call = (logits, torch.full((b,), 0.6, device=device), torch.full((b,), 0.95, device=device),

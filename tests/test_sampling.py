@@ -109,13 +109,14 @@ def test_kept_set_is_exact_top_p_top_k(kind, vocab):
     assert (sizes < vocab).any() and (sizes > 1).any()
 
 
-def test_kept_set_across_programs_and_blocks():
+@pytest.mark.parametrize("stages", [1, 3])
+def test_kept_set_across_programs_and_blocks(stages):
     """Several programs per row and several blocks per program (the merges of the per-program
-    histograms and of the draw)."""
+    histograms and of the draw), with the loops' loads pipelined or not (``stages``)."""
     logits, temperature, top_p, top_k = batch("flat", 2000, seed=7, n=6)
-    check_kept(logits, temperature, top_p, top_k, block=128, programs=5)
+    check_kept(logits, temperature, top_p, top_k, block=128, programs=5, stages=stages)
     logits, temperature, top_p, top_k = batch("tied", 2000, seed=8, n=6)
-    check_kept(logits, temperature, top_p, top_k, block=256, programs=3)
+    check_kept(logits, temperature, top_p, top_k, block=256, programs=3, stages=stages)
 
 
 def test_kept_set_of_half_precision_and_masked_logits():

@@ -33,8 +33,10 @@ of the largest probability weigh 0: they are dropped whenever top_p < 1 - 2e-7).
 Kernels per sampled step: the row maximum, the five digit passes, and the draw (Gumbel-max over the
 kept tokens with the same noise as ``uniform``, the per-row merge done by the last program of a row),
 plus one memset of a small workspace: 8 launches, fixed shapes, nothing read back by the host (CUDA-graph
-capturable); each kernel reads the logits once (about 5 us of HBM time for fp32 [32, 151936]). Rows whose top_p is >= 1 and top_k is 0 skip the work of the passes; greedy rows
-(temperature 0) take the first maximal logit, as ``argmax`` does.
+capturable); each kernel reads the logits once (about 5 us of HBM time for fp32 [32, 151936]), its
+loads pipelined; the kernels are bound by instructions, not bytes. Rows whose top_p is >= 1 and top_k
+is 0 skip the work of the passes; greedy rows (temperature 0) take the first maximal logit, as
+``argmax`` does.
 
 Elsewhere (CPU tensors) a PyTorch version with the same rule sorts each row (float64 masses).
 """
@@ -180,7 +182,12 @@ _FRAC = 40  # masses exp(x - max) in units of 2**-40 (int64): V * 2**40 < 2**63 
 _BLOCK = 1024  # tokens per step of a program's loop
 _DENSE_BLOCK = 512  # the same in the one-hot passes ([16, 512] accumulators)
 _NUM_WARPS = 8
-_WAVES = 4  # programs per SM the grid aims at (the passes are latency-bound: many warps in flight)
+_STAGES = 3  # loads in flight per loop (software pipelining: without it each block waits on its own loads)
+# Programs per row (the grid is rows x programs, each program a contiguous chunk of the vocabulary).
+# H100 sweep (benchmarks/sampling.py --sweep): ~32 a row was fastest at B = 8 and at B = 32, where
+# the old rule of 4 programs per SM in all (17 a row at B = 32) left the last round of the dense
+# passes nearly empty.
+_ROW_PROGRAMS = 32
 
 # Workspace, int64 per row (zeroed each call): the max key, the per-pass histograms (mass and count),
 # the search state after each pass (stored by the pass after it), the draw's packed maximum and
@@ -291,14 +298,15 @@ if HAVE_TRITON:
             f.rewrite() for f in (_key, _unkey, _hash, _load_x, _row_params, _advance, _state))
 
     @triton.jit
-    def _max_kernel(L, T, P, K, WS, V, stride, chunk, W: tl.constexpr, W_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    def _max_kernel(L, T, P, K, WS, V, stride, chunk, W: tl.constexpr, W_MAX: tl.constexpr, BLOCK: tl.constexpr,
+                    STAGES: tl.constexpr):
         b = tl.program_id(0)
         s = tl.program_id(1)
         t, top_p, k, active, do_p, do_k = _row_params(T, P, K, b, V)
         if do_p | do_k:
             row = L + b.to(tl.int64) * stride
             best = tl.zeros((BLOCK,), tl.uint32)
-            for i in range(0, chunk, BLOCK):
+            for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
                 offs = s * chunk + i + tl.arange(0, BLOCK)
                 valid = offs < V
                 x = _load_x(L, row, offs, valid, t)
@@ -310,7 +318,7 @@ if HAVE_TRITON:
                      PASS: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr, DENSE: tl.constexpr,
                      PREV_NB: tl.constexpr, PREV_SHIFT: tl.constexpr, PREV_OFF: tl.constexpr, H_OFF: tl.constexpr,
                      STATE: tl.constexpr, W: tl.constexpr, W_MAX: tl.constexpr, FRAC: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr):
         """Histogram of digit PASS (BITS bits at SHIFT) of the tokens inside the range left by the
         digits before: mass (do_p rows) and count (do_k rows). DENSE: one-hot sums in registers
         ([BLOCK, NB] fp32 / int32, reduced once), merged by one atomic per bin and program; else an
@@ -333,7 +341,7 @@ if HAVE_TRITON:
             if DENSE:
                 mass = tl.zeros((NB, BLOCK), tl.float32)
                 count = tl.zeros((NB, BLOCK), tl.int32)
-            for i in range(0, chunk, BLOCK):
+            for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
                 offs = s * chunk + i + tl.arange(0, BLOCK)
                 valid = offs < V
                 x = _load_x(L, row, offs, valid, t)
@@ -365,7 +373,7 @@ if HAVE_TRITON:
     def _draw_kernel(L, T, P, K, SEED, CNT, WS, OUT, V, stride, chunk, programs,
                      LAST_NB: tl.constexpr, LAST_SHIFT: tl.constexpr, LAST_OFF: tl.constexpr, NPASS: tl.constexpr,
                      STATE: tl.constexpr, W: tl.constexpr, W_MAX: tl.constexpr, W_DRAW: tl.constexpr,
-                     BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+                     BLOCK: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr):
         """Gumbel-max over the kept tokens (first maximal logit on greedy rows); the last program of a
         row to finish writes the token. Blocks without a kept token skip the noise."""
         b = tl.program_id(0)
@@ -386,7 +394,7 @@ if HAVE_TRITON:
         hrow = _hash(hs ^ _hash((ctr & 0xFFFFFFFF).to(tl.uint32)))
         row = L + b.to(tl.int64) * stride
         best = tl.zeros((BLOCK,), tl.uint64)
-        for i in range(0, chunk, BLOCK):
+        for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
             offs = s * chunk + i + tl.arange(0, BLOCK)
             valid = offs < V
             lg = tl.load(row + offs, mask=valid, other=float("-inf")).to(tl.float32)
@@ -429,7 +437,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_block=None, programs=None,
-         num_warps=None, waves=None, digits=None, dense=None, launches=None):
+         num_warps=None, waves=None, digits=None, dense=None, stages=None, launches=None):
     """Launch the passes and the draw; returns (tokens [B], workspace [B, W]). The keywords override
     the launch settings (tests, benchmarks/sampling.py); ``launches``, a list, receives a
     (name, relaunch) pair per kernel."""
@@ -444,7 +452,7 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
     dense_block = min(dense_block or _DENSE_BLOCK, block)
     num_warps = num_warps or _NUM_WARPS
     if programs is None:
-        programs = max(1, -(-(waves or _WAVES) * _num_sms(logits.device) // rows))
+        programs = _ROW_PROGRAMS if waves is None else max(1, -(-waves * _num_sms(logits.device) // rows))
     chunk = -(-vocab // min(programs, -(-vocab // block)))
     chunk = -(-chunk // block) * block
     programs = -(-vocab // chunk)
@@ -454,7 +462,7 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
     ws = torch.zeros(rows, width, dtype=torch.int64, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     grid = (rows, programs)
-    common = dict(W=width, W_MAX=_W_MAX, num_warps=num_warps)
+    common = dict(W=width, W_MAX=_W_MAX, STAGES=stages or _STAGES, num_warps=num_warps)
     params = (logits, temperature, top_p, top_k, ws, vocab, logits.stride(0), chunk)
     def launch(name, fn):
         fn()
