@@ -20,8 +20,8 @@ after every run, so a run cut short keeps what it finished. ``--deadline-s`` ski
 predicted time would end past that many seconds from the start.
 
 ``--profile`` (instead of the table): one short sampled generation per method (B=8, 1024 new tokens
-by default): (1) on an eager engine (cuda_graphs=False, so every kernel is its own profiler event)
-the per-kernel GPU time of the decode steps, top kernels with total and per-step microseconds, kernel
+by default): (1) on an eager engine (cuda_graphs=False, so every kernel is its own profiler event;
+PDL off, or a kernel's time would include its wait for the one before) the per-kernel GPU time of the decode steps, top kernels with total and per-step microseconds, kernel
 groups, and the GPU's busy share and idle gaps; (2) the graphs-on step time of the same generation,
 sampled and greedy (their difference: the sampling's cost per step), with no profiler; (3) the same
 graphs-on generation under the profiler: the GPU's busy share vs the host in the real loop (CUPTI
@@ -32,6 +32,7 @@ events (the profiler's buffers are finite); the count used is recorded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -44,6 +45,7 @@ import torch  # noqa: E402
 from common import (DTYPE, SMOKE_MODEL, new_engine, Floor, bandwidth_and_weights, cfg_summary, device_events,  # noqa: E402
                     environment, free_memory, kernel_summary, method_cfg, print_kernel_table, sync, write_json)
 from lessismore.engine import Engine, ModelConfig  # noqa: E402
+from lessismore.ops import pdl  # noqa: E402
 
 DEV = "cuda"  # --smoke: "cpu"
 GIB = 2**30
@@ -362,7 +364,7 @@ def run_profile(args, mcfg, weights, bw, result, save, t_start) -> None:
     # Eager profiles and graphs-on timings of every method first, then the graphs-on profiles (the
     # profiler on graph replays is the riskiest part: whatever it does, the rest is already saved).
     passes = [
-        [("eager", False, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args)),
+        [("eager", False, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args)),  # PDL off
          ("graphs", None, lambda engine, floor: timed_modes(engine, prompts, prompt_lens, new, floor, bw, args))],
         [("graphs_profiled", None, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args))],
     ]
@@ -383,8 +385,11 @@ def run_profile(args, mcfg, weights, bw, result, save, t_start) -> None:
             for name, graphs, fn in stages:
                 engine = None
                 try:
-                    engine = new_engine(mcfg, weights, cfg, batch, max_len, DEV, cuda_graphs=graphs)
-                    entry[name] = fn(engine, floor)
+                    # The eager profile runs without PDL: an early-launched kernel is recorded from its
+                    # launch, its wait for the kernel before included.
+                    with pdl.disabled() if graphs is False else contextlib.nullcontext():
+                        engine = new_engine(mcfg, weights, cfg, batch, max_len, DEV, cuda_graphs=graphs)
+                        entry[name] = fn(engine, floor)
                 except Exception as exc:  # noqa: BLE001  (a diagnostic: keep going)
                     if args.smoke:
                         raise
