@@ -21,8 +21,9 @@ predicted time would end past that many seconds from the start.
 
 ``--profile`` (instead of the table): one short sampled generation per method (B=8, 1024 new tokens
 by default): (1) on an eager engine (cuda_graphs=False, so every kernel is its own profiler event;
-PDL off, or a kernel's time would include its wait for the one before) the per-kernel GPU time of the decode steps, top kernels with total and per-step microseconds, kernel
-groups, and the GPU's busy share and idle gaps; (2) the graphs-on step time of the same generation,
+PDL off, or a kernel's time would include its wait for the one before) the per-kernel GPU time of
+the decode steps, top kernels with total and per-step microseconds, kernel groups, and the GPU's
+busy share and idle gaps; (2) the graphs-on step time of the same generation,
 sampled and greedy (their difference: the sampling's cost per step), with no profiler; (3) the same
 graphs-on generation under the profiler: the GPU's busy share vs the host in the real loop (CUPTI
 reports the kernels of graph replays too; if it did not, the eager kernel time over the graphs-on
@@ -364,7 +365,7 @@ def run_profile(args, mcfg, weights, bw, result, save, t_start) -> None:
     # Eager profiles and graphs-on timings of every method first, then the graphs-on profiles (the
     # profiler on graph replays is the riskiest part: whatever it does, the rest is already saved).
     passes = [
-        [("eager", False, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args)),  # PDL off
+        [("eager", False, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args)),
          ("graphs", None, lambda engine, floor: timed_modes(engine, prompts, prompt_lens, new, floor, bw, args))],
         [("graphs_profiled", None, lambda engine, floor: profile_engine(engine, prompts, new, sampled, args))],
     ]

@@ -14,7 +14,7 @@ records how often the two implementations drew the same token over the timed inp
 where the old fp32 cumulative sum put the top-p boundary differently, or on ties at the boundary).
 With ``--profile`` the per-kernel CUDA times of one new call are added (torch.profiler). ``--sweep``
 instead times launch settings of the new sampler (programs per row, loads in flight, warps, blocks) at
-B = 8 and 32 on flat rows, each kernel on its own too: the data behind the defaults in sampling.py.
+B = 1, 8 and 32 on flat rows, each kernel on its own too: the data behind the defaults in sampling.py.
 """
 from __future__ import annotations
 
