@@ -133,7 +133,9 @@ def main():
 
     sweep = []
     if args.sweep and cuda:
-        configs = [dict(), dict(programs=16), dict(programs=48), dict(waves=4), dict(stages=1), dict(dense_block=256)]
+        # dict(waves=4, stages=1) is the sampler before its loads were pipelined and its grid set per row.
+        configs = [dict(), dict(programs=16), dict(programs=48), dict(waves=4), dict(stages=1), dict(waves=4, stages=1),
+                   dict(dense_block=256)]
         for b in batches:
             logits = make_logits("flat", b, vocab, device, gen)
             for k in (0, 50) if b == 32 else (0,):
