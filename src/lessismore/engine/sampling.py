@@ -183,11 +183,13 @@ _BLOCK = 1024  # tokens per step of a program's loop
 _DENSE_BLOCK = 512  # the same in the one-hot passes ([16, 512] accumulators)
 _NUM_WARPS = 8
 _STAGES = 3  # loads in flight per loop (software pipelining: without it each block waits on its own loads)
-# Programs per row (the grid is rows x programs, each program a contiguous chunk of the vocabulary).
-# H100 sweep (benchmarks/sampling.py --sweep): ~32 a row was fastest at B = 8 and at B = 32, where
-# the old rule of 4 programs per SM in all (17 a row at B = 32) left the last round of the dense
-# passes nearly empty.
+# Programs per row (the grid is rows x programs, each program a contiguous chunk of the vocabulary):
+# at least _ROW_PROGRAMS, and at least _SM_PROGRAMS per SM in all (small batches: no idle SM). H100
+# sweep (benchmarks/sampling.py --sweep): ~32 a row was fastest at B = 8 and at B = 32, where the
+# old rule of 4 programs per SM in all (17 a row at B = 32) left the last round of the dense passes
+# (2 programs fit an SM) nearly empty. At B = 1 the rule gives the old grid (149 programs).
 _ROW_PROGRAMS = 32
+_SM_PROGRAMS = 2
 
 # Workspace, int64 per row (zeroed each call): the max key, the per-pass histograms (mass and count),
 # the search state after each pass (stored by the pass after it), the draw's packed maximum and
@@ -452,7 +454,11 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
     dense_block = min(dense_block or _DENSE_BLOCK, block)
     num_warps = num_warps or _NUM_WARPS
     if programs is None:
-        programs = _ROW_PROGRAMS if waves is None else max(1, -(-waves * _num_sms(logits.device) // rows))
+        sms = _num_sms(logits.device)
+        if waves is None:
+            programs = max(_ROW_PROGRAMS, -(-_SM_PROGRAMS * sms // rows))
+        else:  # the older rule, for benchmarks/sampling.py --sweep: `waves` programs per SM in all
+            programs = max(1, -(-waves * sms // rows))
     chunk = -(-vocab // min(programs, -(-vocab // block)))
     chunk = -(-chunk // block) * block
     programs = -(-vocab // chunk)
