@@ -75,21 +75,24 @@ def breakdown(call, device):
     return dict(sorted(((n[:80], round(us, 2)) for n, (_, us) in per.items()), key=lambda kv: -kv[1]))
 
 
+def positive_ints(text, sep, form):
+    """The positive integers of `text` split at `sep`, as many as `form` names (e.g. 'BxL'); else a
+    one-line argparse error."""
+    parts, count = text.split(sep), len(form.split(sep))
+    if len(parts) != count or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form} ({count} positive integers)")
+    return [int(p) for p in parts]
+
+
 def launch_config(text):
     """'WARPS:BLOCK:GM_ROWS' -> (text, topk_desc tuning keywords)."""
-    parts = text.split(":")
-    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not WARPS:BLOCK:GM_ROWS (three positive integers)")
-    warps, block, gm_rows = (int(p) for p in parts)
+    warps, block, gm_rows = positive_ints(text, ":", "WARPS:BLOCK:GM_ROWS")
     return text, {"num_warps": warps, "block": block, "gm_rows": gm_rows}
 
 
 def grid_point(text):
     """'BxL' -> (B, L, full rows)."""
-    parts = text.split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not BxL (two positive integers)")
-    return int(parts[0]), int(parts[1]), False
+    return (*positive_ints(text, "x", "BxL"), False)
 
 
 def main(argv=None):
