@@ -30,12 +30,13 @@ for those masses: it can differ from exact real arithmetic only where mass{x > x
 rounding (~1e-7 relative) of top_p, as any floating-point implementation can (tokens below 2**-40
 of the largest probability weigh 0: they are dropped whenever top_p < 1 - 2e-7). Counts are exact.
 
-Kernels per sampled step: the row maximum, the five digit passes, and the draw (Gumbel-max over the
-kept tokens with the same noise as ``uniform``, the per-row merge done by the last program of a row),
-plus one memset of a small workspace: 8 launches, fixed shapes, nothing read back by the host (CUDA-graph
-capturable); each kernel reads the logits once (about 5 us of HBM time for fp32 [32, 151936]), its
-loads pipelined; the kernels are bound by instructions, not bytes. Rows whose top_p is >= 1 and top_k
-is 0 skip the work of the passes; greedy rows (temperature 0) take the first maximal logit, as
+Kernels per sampled step: the row maximum (which also stores x = logit / T, so that the kernels after
+it divide no more), the five digit passes, and the draw (Gumbel-max over the kept tokens with the same
+noise as ``uniform``, the per-row merge done by the last program of a row), plus one memset of a small
+workspace: 8 launches, fixed shapes, nothing read back by the host (CUDA-graph capturable); each
+kernel reads the row once (about 5 us of HBM time for fp32 [32, 151936]), its loads pipelined. The
+kernels are bound by instructions, not bytes: ~75 a token in each pass. Rows whose top_p is >= 1 and
+top_k is 0 skip the work of the passes; greedy rows (temperature 0) take the first maximal logit, as
 ``argmax`` does.
 
 Elsewhere (CPU tensors) a PyTorch version with the same rule sorts each row (float64 masses).
@@ -232,9 +233,9 @@ if HAVE_TRITON:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _load_x(L, row_ptr, offs, valid, t):
-        lg = tl.load(row_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        return tl.math.div_rn(lg, t)
+    def _load_x(X, b, V, offs, valid):
+        """x = logit / T of row b at ``offs`` (-inf where not valid), as the first kernel stored it."""
+        return tl.load(X + b.to(tl.int64) * V + offs, mask=valid, other=float("-inf"))
 
     @triton.jit
     def _row_params(T, P, K, b, V):
@@ -300,23 +301,38 @@ if HAVE_TRITON:
             f.rewrite() for f in (_key, _unkey, _hash, _load_x, _row_params, _advance, _state))
 
     @triton.jit
-    def _max_kernel(L, T, P, K, WS, V, stride, chunk, W: tl.constexpr, W_MAX: tl.constexpr, BLOCK: tl.constexpr,
-                    STAGES: tl.constexpr):
+    def _max_kernel(L, X, T, P, K, WS, V, stride, chunk, W: tl.constexpr, W_MAX: tl.constexpr,
+                    W_DRAW: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+        """x = logit / T of the sampled rows, stored in X [rows, V] fp32 for the kernels after (one
+        division per token instead of one per kernel), and the row's largest key (rows with top-p or
+        top-k); on greedy rows the first maximal logit, into the draw's slot."""
         b = tl.program_id(0)
         s = tl.program_id(1)
         t, top_p, k, active, do_p, do_k = _row_params(T, P, K, b, V)
-        if do_p | do_k:
-            row = L + b.to(tl.int64) * stride
+        row = L + b.to(tl.int64) * stride
+        if active:
             best = tl.zeros((BLOCK,), tl.uint32)
             for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
                 offs = s * chunk + i + tl.arange(0, BLOCK)
                 valid = offs < V
-                x = _load_x(L, row, offs, valid, t)
+                lg = tl.load(row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+                x = tl.math.div_rn(lg, t)
+                tl.store(X + b.to(tl.int64) * V + offs, x, mask=valid)
                 best = tl.maximum(best, tl.where(valid, _key(x), 0))
-            tl.atomic_max(WS + b * W + W_MAX, tl.max(best, 0).to(tl.int64), sem="relaxed")
+            if do_p | do_k:
+                tl.atomic_max(WS + b * W + W_MAX, tl.max(best, 0).to(tl.int64), sem="relaxed")
+        else:
+            first = tl.zeros((BLOCK,), tl.uint64)
+            for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
+                offs = s * chunk + i + tl.arange(0, BLOCK)
+                valid = offs < V
+                lg = tl.load(row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+                packed = (_key(lg).to(tl.uint64) << 32) | (offs.to(tl.uint32) ^ 0xFFFFFFFF).to(tl.uint64)
+                first = tl.maximum(first, tl.where(valid, packed, 0))
+            tl.atomic_max((WS + b * W + W_DRAW).to(tl.pointer_type(tl.uint64)), tl.max(first, 0), sem="relaxed")
 
     @triton.jit
-    def _pass_kernel(L, T, P, K, WS, V, stride, chunk,
+    def _pass_kernel(X, T, P, K, WS, V, chunk,
                      PASS: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr, DENSE: tl.constexpr,
                      PREV_NB: tl.constexpr, PREV_SHIFT: tl.constexpr, PREV_OFF: tl.constexpr, H_OFF: tl.constexpr,
                      STATE: tl.constexpr, W: tl.constexpr, W_MAX: tl.constexpr, FRAC: tl.constexpr,
@@ -335,18 +351,17 @@ if HAVE_TRITON:
             pk = pk.to(tl.uint32)
             ws = WS + b * W
             m = _unkey(tl.load(ws + W_MAX).to(tl.uint32))
-            row = L + b.to(tl.int64) * stride
             scale = (1 << FRAC) * 1.0
             bins = tl.arange(0, NB)
             # One-hot accumulators [NB, BLOCK]: bins along the first axis keep the tokens in the layout
             # they are loaded in (no layout conversion in the loop), reduced once after it.
             if DENSE:
                 mass = tl.zeros((NB, BLOCK), tl.float32)
-                count = tl.zeros((NB, BLOCK), tl.int32)
+                count = tl.zeros((NB, BLOCK), tl.float32)  # fp32 counts: exact below 2**24, a predicated add too
             for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
                 offs = s * chunk + i + tl.arange(0, BLOCK)
                 valid = offs < V
-                x = _load_x(L, row, offs, valid, t)
+                x = _load_x(X, b, V, offs, valid)
                 u = _key(x)
                 digit = (u >> SHIFT).to(tl.int32) & (NB - 1)
                 if PASS == 1:
@@ -358,9 +373,12 @@ if HAVE_TRITON:
                 e = tl.exp(x - m)
                 if DENSE:
                     if do_p:
-                        mass += tl.where(bins[:, None] == tl.where(in_p, digit, NB)[None, :], e[None, :], 0.0)
+                        # a select of (sum + e, sum), not sum + select(e, 0): one predicated add a bin
+                        hit = bins[:, None] == tl.where(in_p, digit, NB)[None, :]
+                        mass = tl.where(hit, mass + e[None, :], mass)
                     if do_k:
-                        count += (bins[:, None] == tl.where(in_k, digit, NB)[None, :]).to(tl.int32)
+                        hit = bins[:, None] == tl.where(in_k, digit, NB)[None, :]
+                        count = tl.where(hit, count + 1.0, count)
                 else:
                     q = (e * scale).to(tl.int64)
                     tl.atomic_add(ws + H_OFF + digit, q, mask=in_p & (q > 0), sem="relaxed")
@@ -372,12 +390,12 @@ if HAVE_TRITON:
                     tl.atomic_add(ws + H_OFF + NB + bins, tl.sum(count, 1).to(tl.int64), sem="relaxed")
 
     @triton.jit
-    def _draw_kernel(L, T, P, K, SEED, CNT, WS, OUT, V, stride, chunk, programs,
+    def _draw_kernel(X, T, P, K, SEED, CNT, WS, OUT, V, chunk, programs,
                      LAST_NB: tl.constexpr, LAST_SHIFT: tl.constexpr, LAST_OFF: tl.constexpr, NPASS: tl.constexpr,
                      STATE: tl.constexpr, W: tl.constexpr, W_MAX: tl.constexpr, W_DRAW: tl.constexpr,
                      BLOCK: tl.constexpr, STAGES: tl.constexpr, INTERPRET: tl.constexpr):
-        """Gumbel-max over the kept tokens (first maximal logit on greedy rows); the last program of a
-        row to finish writes the token. Blocks without a kept token skip the noise."""
+        """Gumbel-max over the kept tokens; the last program of a row to finish writes the token (on
+        greedy rows, the first kernel's choice). Blocks without a kept token skip the noise."""
         b = tl.program_id(0)
         s = tl.program_id(1)
         t, top_p, k, active, do_p, do_k = _row_params(T, P, K, b, V)
@@ -394,15 +412,13 @@ if HAVE_TRITON:
         ctr = tl.load(CNT + b).to(tl.int64)
         hs = _hash(_hash((seed & 0xFFFFFFFF).to(tl.uint32)) ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
         hrow = _hash(hs ^ _hash((ctr & 0xFFFFFFFF).to(tl.uint32)))
-        row = L + b.to(tl.int64) * stride
         best = tl.zeros((BLOCK,), tl.uint64)
-        for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
-            offs = s * chunk + i + tl.arange(0, BLOCK)
-            valid = offs < V
-            lg = tl.load(row + offs, mask=valid, other=float("-inf")).to(tl.float32)
-            ids = offs.to(tl.uint32)
-            if active:
-                x = tl.math.div_rn(lg, t)
+        if active:
+            for i in tl.range(0, chunk, BLOCK, num_stages=STAGES):
+                offs = s * chunk + i + tl.arange(0, BLOCK)
+                valid = offs < V
+                ids = offs.to(tl.uint32)
+                x = _load_x(X, b, V, offs, valid)
                 keep = valid & (_key(x) >= thr)
                 if tl.max(keep.to(tl.int32), 0) > 0:
                     h = _hash(hrow ^ _hash(ids))
@@ -413,9 +429,6 @@ if HAVE_TRITON:
                         g = -libdevice.log(-libdevice.log(uni))  # CUDA's logf, as torch's log
                     packed = (_key(x + g).to(tl.uint64) << 32) | (ids ^ 0xFFFFFFFF).to(tl.uint64)
                     best = tl.maximum(best, tl.where(keep, packed, 0))
-            else:
-                packed = (_key(lg).to(tl.uint64) << 32) | (ids ^ 0xFFFFFFFF).to(tl.uint64)
-                best = tl.maximum(best, tl.where(valid, packed, 0))
         slot = (ws + W_DRAW).to(tl.pointer_type(tl.uint64))
         tl.atomic_max(slot, tl.max(best, 0), sem="relaxed")
         done = tl.atomic_add(ws + W_DRAW + 1, 1, sem="acq_rel")
@@ -466,16 +479,18 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
     assert sum(digits) == 32
     hist_off, w_state, w_draw, width = _layout(digits)
     ws = torch.zeros(rows, width, dtype=torch.int64, device=logits.device)
+    x = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)  # logit / T, written by the first kernel
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     grid = (rows, programs)
     common = dict(W=width, W_MAX=_W_MAX, STAGES=stages or _STAGES, num_warps=num_warps)
-    params = (logits, temperature, top_p, top_k, ws, vocab, logits.stride(0), chunk)
+    params = (x, temperature, top_p, top_k, ws, vocab, chunk)
     def launch(name, fn):
         fn()
         if launches is not None:
             launches.append((name, fn))
 
-    launch("max", lambda: _max_kernel[grid](*params, BLOCK=block, **common))
+    launch("max", lambda: _max_kernel[grid](logits, *params[:5], vocab, logits.stride(0), chunk, W_DRAW=w_draw, BLOCK=block,
+                                            **common))
     prev = (1, 0, 0)
     shift = 32
     for j, bits in enumerate(digits):
@@ -486,7 +501,7 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
         launch(f"pass{j + 1}", lambda kw=kw: _pass_kernel[grid](*params, **kw))
         prev = (1 << bits, shift, hist_off[j])
     launch("draw", lambda: _draw_kernel[grid](
-        logits, temperature, top_p, top_k, seed, counter, ws, out, vocab, logits.stride(0), chunk, programs,
+        x, temperature, top_p, top_k, seed, counter, ws, out, vocab, chunk, programs,
         LAST_NB=prev[0], LAST_SHIFT=prev[1], LAST_OFF=prev[2], NPASS=len(digits), STATE=w_state, W_DRAW=w_draw,
         INTERPRET=interpret, BLOCK=block, **common))
     return out, ws
