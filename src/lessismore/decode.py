@@ -164,7 +164,7 @@ class DecodeExecutor:
         """Zero the read counters (in place once they exist: captured graphs keep their addresses)."""
         if self._stats is None or next(iter(self._stats.values())).device != torch.device(device):
             self._stats = {name: torch.zeros((), dtype=torch.float64, device=device)
-                           for name in ("read", "full_read", "sequence_steps")}
+                           for name in ("selected_read", "tokens", "sequence_steps")}
         else:
             for t in self._stats.values():
                 t.zero_()
@@ -176,7 +176,9 @@ class DecodeExecutor:
         steps = 0 if self._stats is None else int(self._stats["sequence_steps"])
         if steps == 0:
             raise ValueError("no decode step has run since the counters were reset")
-        read, full = float(self._stats["read"]), float(self._stats["full_read"])
+        tokens = float(self._stats["tokens"])
+        read = float(self._stats["selected_read"]) + tokens * self._dense_layers
+        full = tokens * len(self.roles)
         return {
             "method": self.cfg.method,
             "budget": self.cfg.budget,
@@ -185,11 +187,12 @@ class DecodeExecutor:
             "kv_read_fraction": read / full if full else 1.0,
         }
 
-    def _count(self, name: str, per_row: torch.Tensor) -> None:
-        per_row = per_row.to(torch.float64)
+    def _count(self, name: str, per_row: torch.Tensor, scale: float = 1.0) -> None:
+        """counter += scale * the sum of per_row ([B] or [B, H]) over the counted rows: three launches
+        at most (mask, sum in float64, add), as a step counts several times."""
         if self._rows is not None:
-            per_row = per_row * self._rows
-        self._stats[name] += per_row.sum()
+            per_row = per_row * (self._rows if per_row.dim() == 1 else self._rows[:, None])
+        self._stats[name].add_(per_row.sum(dtype=torch.float64), alpha=scale)
 
     # ---- the step ---------------------------------------------------------------------------------
 
@@ -229,8 +232,8 @@ class DecodeExecutor:
 
     def _count_readers(self, index: int, selection: Selection) -> None:
         if self._readers[index]:
-            counts = selection.counts
-            self._count("read", (counts.float().mean(-1) if selection.per_head else counts) * self._readers[index])
+            counts = selection.counts  # per-head sets: [B, H], averaged over the heads
+            self._count("selected_read", counts, self._readers[index] / (counts.shape[-1] if selection.per_head else 1))
 
     def _select(self, q, cache: DecodeCache) -> Selection:
         """The reference path's set (or the method's fast one from its state where the cache carries
@@ -250,13 +253,13 @@ class DecodeExecutor:
         role = self.roles[index]
         if index == 0:
             # What a step reads is known from the lengths and the sets, so it is counted once per
-            # step (dense and full reads) and once per selection, not in every layer.
+            # step (the tokens, which give the dense and full reads) and once per selection.
             if self._stats is None:
                 self.reset_stats(q.device)
             n = cache.token_counts()
-            self._count("sequence_steps", torch.ones_like(n))
-            self._count("full_read", n * len(self.roles))
-            self._count("read", n * self._dense_layers)
+            self._count("tokens", n)
+            steps = self._stats["sequence_steps"]
+            steps.add_(n.numel() if self._rows is None else self._rows.sum(dtype=torch.float64))
         if cache.state is not None:
             self.method.update_state(self.cfg, cache)
         selection = None
