@@ -271,3 +271,26 @@ def test_fused_kernels_match_references():
         q2 = kernels.qk_norm_rope_store(qkv, hq, hkv, d, slots, pos, angles.cos(), angles.sin(), *c2, qk, 1e-6, impl="torch")
         torch.testing.assert_close(q1, q2)
         torch.testing.assert_close(c1, c2)
+
+
+@pytest.mark.skipif(not _interpreted, reason="needs Triton under TRITON_INTERPRET=1")
+def test_advance_matches_reference():
+    """The step's bookkeeping kernel against its PyTorch reference: recording at count (clamped to the
+    last column), stop ids where stop_on_eos, limits, inactive rows untouched."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        b, max_len = int(torch.randint(1, 40, (1,), generator=g)), 12
+        nxt = torch.randint(0, 20, (b,), generator=g)
+        limit = torch.randint(1, max_len + 4, (b,), generator=g)
+        stop_ids = torch.full((8,), -1)
+        stop_ids[: int(torch.randint(0, 3, (1,), generator=g))] = torch.randint(0, 20, (1,), generator=g)
+        stop_on_eos = torch.rand(b, generator=g) < 0.5
+        state = (torch.rand(b, generator=g) < 0.7, torch.randint(0, max_len + 3, (b,), generator=g),
+                 torch.randint(1, 100, (b,), generator=g, dtype=torch.int32), torch.randint(0, 20, (b,), generator=g),
+                 torch.randint(0, 20, (b, max_len), generator=g))
+        got, ref = [t.clone() for t in state], [t.clone() for t in state]
+        for s, impl in ((got, "triton"), (ref, "torch")):
+            active, count, lengths, tokens, out = s
+            kernels.advance(nxt, active, count, limit, lengths, tokens, out, stop_ids, stop_on_eos, impl=impl)
+        assert all(torch.equal(a, r) for a, r in zip(got, ref))
+        assert not torch.equal(ref[1], state[1]) or not state[0].any()  # active rows moved on

@@ -178,6 +178,21 @@ def test_draws_equal_the_sort_based_original():
         assert (again[sampled] != new[sampled]).any()
 
 
+def test_bf16_logits_draw_as_their_fp32_widening():
+    """The engine hands over the lm_head's bf16 logits as they are: the draws, greedy rows and the
+    greedy path included, equal those of the same logits widened to fp32."""
+    n = 16
+    logits, temperature, top_p, top_k = batch("peaked", 3000, seed=4, n=n)
+    logits = logits.bfloat16()
+    temperature[::5] = 0.0
+    seed = torch.arange(n, device=DEVICE) * 7919
+    counter = torch.arange(n, device=DEVICE)
+    for impl in ("triton", "torch"):
+        assert torch.equal(sample(logits, temperature, top_p, top_k, seed, counter, True, impl=impl),
+                           sample(logits.float(), temperature, top_p, top_k, seed, counter, True, impl=impl))
+    assert torch.equal(sample(logits, temperature, top_p, top_k, seed, counter, False), logits.float().argmax(-1))
+
+
 def test_greedy_rows_and_greedy_path_unchanged():
     gen = torch.Generator().manual_seed(5)
     logits = torch.randint(-3, 4, (6, 700), generator=gen).float()  # ties at the max: the first wins

@@ -27,6 +27,7 @@ import torch
 from lessismore.config import FULL, SparseConfig, require_sparse_config
 from lessismore.decode import DecodeExecutor
 from lessismore.engine.graphs import GraphRunner
+from lessismore.engine.kernels import advance
 from lessismore.engine.loading import load
 from lessismore.engine.model import Model, ModelConfig, Weights
 from lessismore.engine.sampling import sample
@@ -235,17 +236,9 @@ class Engine:
         active = self.active[:b]
         logits = self.model.decode(self.tokens[:b], self.slots[:b], self.lengths[:b], self.k_cache, self.v_cache,
                                    self.executor, rows=active, states=self.method_state)
-        count = self.count[:b]
-        nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.seed[:b], count, do_sample)
-        out = self.out[:b]
-        at = count.clamp(max=self.max_len - 1)[:, None]
-        out.scatter_(1, at, torch.where(active[:, None], nxt[:, None], out.gather(1, at)))
-        stop = (nxt[:, None] == self.stop_ids[None, :]).any(-1) & self.stop_on_eos[:b]
-        finished = active & (stop | (count + 1 >= self.limit[:b]))
-        self.lengths[:b] += active.to(torch.int32)
-        self.tokens[:b] = torch.where(active, nxt, self.tokens[:b])
-        self.count[:b] += active.to(torch.int64)
-        self.active[:b] = active & ~finished
+        nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.seed[:b], self.count[:b], do_sample)
+        advance(nxt, active, self.count[:b], self.limit[:b], self.lengths[:b], self.tokens[:b], self.out[:b],
+                self.stop_ids, self.stop_on_eos[:b])
 
     def _warmup(self, b: int, do_sample: bool):
         # Every row inactive: the step leaves the state as it was (inactive rows write K/V only past

@@ -6,7 +6,9 @@ as little as possible. Three fusions pay:
 * ``add_rmsnorm``: residual += x, then h = RMSNorm(residual) (one read and two writes of a row);
 * ``qk_norm_rope_store``: from the fused qkv projection, Qwen3's per-head q/k RMSNorm (when present),
   RoPE on q and k, q written out, k and v written straight into the KV cache at each row's position;
-* ``silu_mul``: SiLU(gate) * up from the fused gate/up projection.
+* ``silu_mul``: SiLU(gate) * up from the fused gate/up projection;
+* ``advance``: the engine's bookkeeping after a step's draw (record the token, move the active rows
+  on, retire the finished ones), ~20 small tensor ops otherwise.
 
 Each has a PyTorch reference that follows transformers' arithmetic exactly (so the CPU engine gives the
 same greedy tokens as ``model.generate``); the Triton versions run on CUDA tensors and compute in fp32
@@ -95,6 +97,30 @@ if HAVE_TRITON:
         u = tl.load(gu_ptr + row.to(tl.int64) * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + row.to(tl.int64) * inter + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _advance_kernel(nxt_ptr, active_ptr, count_ptr, limit_ptr, lengths_ptr, tokens_ptr, out_ptr, stop_ptr,
+                        stop_on_eos_ptr, b, max_len, stride_out, n_stop, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        prior_done(PDL)
+        rows = tl.arange(0, BLOCK)
+        ok = rows < b
+        nxt = tl.load(nxt_ptr + rows, mask=ok, other=0)
+        active = tl.load(active_ptr + rows, mask=ok, other=0) != 0
+        count = tl.load(count_ptr + rows, mask=ok, other=0)
+        at = tl.minimum(count, max_len - 1)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_out + at, nxt, mask=ok & active)
+        stop = rows < 0
+        for i in range(n_stop):
+            stop = stop | (nxt == tl.load(stop_ptr + i))
+        stop = stop & (tl.load(stop_on_eos_ptr + rows, mask=ok, other=0) != 0)
+        finished = active & (stop | (count + 1 >= tl.load(limit_ptr + rows, mask=ok, other=0)))
+        on = ok & active
+        tl.store(lengths_ptr + rows, tl.load(lengths_ptr + rows, mask=on, other=0) + 1, mask=on)
+        tl.store(tokens_ptr + rows, nxt, mask=on)
+        tl.store(count_ptr + rows, count + 1, mask=on)
+        tl.store(active_ptr + rows, active & ~finished, mask=ok)
 
 
 def use_triton(x: torch.Tensor, impl: str = "auto") -> bool:
@@ -205,3 +231,29 @@ def silu_mul(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
             gate_up, out, inter, BLOCK=block, num_warps=4, **pdl.launch_options(gate_up))
         return out
     return torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+# ---- the step's bookkeeping -------------------------------------------------------------------------
+
+
+def advance(nxt: torch.Tensor, active: torch.Tensor, count: torch.Tensor, limit: torch.Tensor,
+            lengths: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor, stop_ids: torch.Tensor,
+            stop_on_eos: torch.Tensor, impl: str = "auto") -> None:
+    """In place, after a step drew nxt [b]: each active row records nxt in out [b, max_len] at column
+    count (the last column once count reaches it), takes nxt as its next input token, grows lengths
+    and count by one, and stops being active if it drew one of stop_ids (where stop_on_eos) or has
+    reached its limit of new tokens. Inactive rows keep everything. One launch on the GPU."""
+    if use_triton(nxt, impl):
+        b = nxt.shape[0]
+        _advance_kernel[(1,)](nxt, active, count, limit, lengths, tokens, out, stop_ids, stop_on_eos, b, out.shape[1],
+                              out.stride(0), stop_ids.shape[0], BLOCK=max(16, triton.next_power_of_2(b)),
+                              num_warps=1, **pdl.launch_options(nxt))
+        return
+    at = count.clamp(max=out.shape[1] - 1)[:, None]
+    out.scatter_(1, at, torch.where(active[:, None], nxt[:, None], out.gather(1, at)))
+    stop = (nxt[:, None] == stop_ids[None, :]).any(-1) & stop_on_eos
+    finished = active & (stop | (count + 1 >= limit))
+    lengths += active.to(lengths.dtype)
+    tokens.copy_(torch.where(active, nxt, tokens))
+    count += active.to(count.dtype)
+    active &= ~finished

@@ -320,7 +320,8 @@ class Model:
         """One token per row: tokens [b] at positions [b] (= the rows' lengths before this step) of
         cache rows slots [b] = 0..b-1. Writes their K/V, runs each layer's attention through
         ``executor`` (``rows`` [b] bool: the rows its counters count; ``states``: each layer's method
-        state or None, ``DecodeCache.state``) and returns logits [b, V] fp32."""
+        state or None, ``DecodeCache.state``) and returns logits [b, V] in the weights' dtype (the
+        sampler reads them as they are: no fp32 copy of [b, V] a step)."""
         c = self.cfg
         b = tokens.shape[0]
         lengths = positions + 1
@@ -332,4 +333,4 @@ class Model:
             state = None if states is None else states[i]
             out = executor.layer(i, q, DecodeCache(k_caches[i][:b], v_caches[i][:b], lengths=lengths, state=state))
             h = self._mlp_and_next_norm(i, out.reshape(b, c.num_heads * c.head_dim), residual)
-        return linear(h, self.w.lm_head).float()
+        return linear(h, self.w.lm_head)
