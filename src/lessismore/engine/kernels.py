@@ -1,7 +1,7 @@
-"""Fused elementwise stages of a decoder layer, each one launch on the GPU instead of five to ten.
+"""Fused elementwise stages of a decode step, each one launch on the GPU instead of five to twenty.
 
 A decode step at batch 1 is a chain of ~400 launches per token; what is not a matrix product must cost
-as little as possible. Three fusions pay:
+as little as possible. Four fusions pay:
 
 * ``add_rmsnorm``: residual += x, then h = RMSNorm(residual) (one read and two writes of a row);
 * ``qk_norm_rope_store``: from the fused qkv projection, Qwen3's per-head q/k RMSNorm (when present),
@@ -10,10 +10,11 @@ as little as possible. Three fusions pay:
 * ``advance``: the engine's bookkeeping after a step's draw (record the token, move the active rows
   on, retire the finished ones), ~20 small tensor ops otherwise.
 
-Each has a PyTorch reference that follows transformers' arithmetic exactly (so the CPU engine gives the
-same greedy tokens as ``model.generate``); the Triton versions run on CUDA tensors and compute in fp32
-with one rounding at the end. They take part in programmatic dependent launch (``ops.pdl``): each
-waits for the kernel before it, then lets the next one launch.
+Each has a PyTorch reference: the layer stages follow transformers' arithmetic exactly (so the CPU
+engine gives the same greedy tokens as ``model.generate``), and their Triton versions run on CUDA
+tensors and compute in fp32 with one rounding at the end; ``advance`` is integer bookkeeping, the same
+either way. They take part in programmatic dependent launch (``ops.pdl``): each waits for the
+kernel before it, then lets the next one launch.
 """
 from __future__ import annotations
 
@@ -98,7 +99,6 @@ if HAVE_TRITON:
         y = g / (1.0 + tl.exp(-g)) * u
         tl.store(out_ptr + row.to(tl.int64) * inter + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _advance_kernel(nxt_ptr, active_ptr, count_ptr, limit_ptr, lengths_ptr, tokens_ptr, out_ptr, stop_ptr,
                         stop_on_eos_ptr, b, max_len, stride_out, n_stop, BLOCK: tl.constexpr,
@@ -109,14 +109,14 @@ if HAVE_TRITON:
         nxt = tl.load(nxt_ptr + rows, mask=ok, other=0)
         active = tl.load(active_ptr + rows, mask=ok, other=0) != 0
         count = tl.load(count_ptr + rows, mask=ok, other=0)
+        on = ok & active
         at = tl.minimum(count, max_len - 1)
-        tl.store(out_ptr + rows.to(tl.int64) * stride_out + at, nxt, mask=ok & active)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_out + at, nxt, mask=on)
         stop = rows < 0
         for i in range(n_stop):
             stop = stop | (nxt == tl.load(stop_ptr + i))
         stop = stop & (tl.load(stop_on_eos_ptr + rows, mask=ok, other=0) != 0)
         finished = active & (stop | (count + 1 >= tl.load(limit_ptr + rows, mask=ok, other=0)))
-        on = ok & active
         tl.store(lengths_ptr + rows, tl.load(lengths_ptr + rows, mask=on, other=0) + 1, mask=on)
         tl.store(tokens_ptr + rows, nxt, mask=on)
         tl.store(count_ptr + rows, count + 1, mask=on)
