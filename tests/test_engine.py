@@ -202,7 +202,8 @@ def test_architectures_match_transformers(tmp_path, variant):
     model.save_pretrained(tmp_path)
     prompt = torch.randint(0, 128, (1, 40))
     ref = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-    engine = Engine(str(tmp_path), max_batch=2, max_len=96, prefill_chunk=16)  # three prefill chunks
+    # fp32 as the reference (bf16, the CUDA default, would compare precisions, not architectures)
+    engine = Engine(str(tmp_path), max_batch=2, max_len=96, prefill_chunk=16, dtype=torch.float32)  # three prefill chunks
     got = engine.generate([prompt[0].tolist()], max_new_tokens=24, ignore_eos=True)[0].token_ids
     assert got == ref[0, 40:].tolist()
 

@@ -292,4 +292,8 @@ class DecodeExecutor:
             self._count_readers(index, self.selection)
         for observer in self.observers:
             observer(index, role, q, cache.keys(), cache.values(), cache.valid(), selection, out)
+        if index == len(self.roles) - 1:
+            # A selection in the last layer has no reader to join it: the step must not end (or a
+            # CUDA-graph capture close) with work left on the side stream.
+            self._join()
         return out
