@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lessismore.ops.topk import _NONE, _key
+from lessismore.ops.topk import _NONE
 from lessismore.ops.triton_decode import INTERPRETED
 
 POSITIONS_MAX_TILE = 16384  # pages x page slots one program holds; larger selections use the reference
@@ -145,49 +145,61 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     s_row = S + row * num_pages
     j = tl.arange(0, NP_PAD)
     live = j < num_pages
-    key = _key(tl.load(s_row + j, mask=live, other=float("-inf")))
+    x = tl.load(s_row + j, mask=live, other=float("-inf"))
 
     # 1. T, the take-th largest key, one byte a round from the top: a 256-bin histogram of the next byte
-    # of the keys that still match T's bytes (keys in unsigned order: key ^ int32 min), then the largest
-    # byte with at least `need` of them at or above it. Four rounds, no data-dependent loop.
-    u = key ^ _NONE
+    # of the `count` keys that still match T's bytes (keys in unsigned order: key ^ int32 min), then
+    # the largest byte d with at least `need` of them at or above it. Four rounds of three reductions
+    # (below[d] and hist[d] come out of one, as two 16-bit halves), no data-dependent loop.
+    bits = x.to(tl.int32, bitcast=True)  # ops.topk's _key, inline (-0.0 takes +0.0's key)
+    u = tl.where(bits == _NONE, 0, bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ _NONE
     bins = tl.arange(0, 256)
     match = live
+    count = num_pages + 0
     need = take + 0
     t_u = tl.full([], 0, tl.int32)
     for r in tl.static_range(4):
         byte = (u >> (24 - 8 * r)) & 255
         hist = tl.histogram(byte, 256, mask=match)
-        at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
-        d = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
-        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        below = tl.cumsum(hist, 0) - hist  # matching keys whose byte is < the bin's
+        d = tl.sum((count - below >= need).to(tl.int32), 0) - 1
+        at_d = tl.sum(tl.where(bins == d, below | (hist << 16), 0), 0)
+        hist_d = at_d >> 16
+        need -= count - (at_d & 0xFFFF) - hist_d  # the keys whose byte is above d are all taken
+        count = hist_d
         match = match & (byte == d)
         t_u = t_u | (d << (24 - 8 * r))
-    thr = t_u ^ _NONE
-    # Of the pages at T (match), the `need` lowest are taken: the last of them is p_tie.
-    ties = match.to(tl.int32)
-    p_tie = tl.max(tl.where(match & (tl.cumsum(ties, 0) - ties < need), j, -1), 0)
+    # T as a float (scores compare as their keys do: -0.0 == +0.0; no NaN), and the last page taken at T:
+    # the `need` lowest of the `count` pages there, so all of them unless ties are cut.
+    t_key = t_u ^ _NONE
+    thr = (t_key ^ ((t_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    p_tie = num_pages + 0
+    if need < count:
+        ties = match.to(tl.int32)
+        p_tie = tl.max(tl.where(match & (tl.cumsum(ties, 0) - ties < need), j, -1), 0)
 
     # 2. The taken pages in ascending order, expanded to their positions, CHUNK pages at a time: a page's
     # rank among the taken ones gives its slots (no sort: the scan runs in page order).
     c = tl.arange(0, CHUNK)
     o = tl.arange(0, P_PAD)
     last = tl.maximum(n - 1, 0)
-    before = tl.full([], 0, tl.int32)
-    counted = tl.full([], 0, tl.int32)
+    before = tl.full([], 0, tl.int64)  # pages taken so far
+    valid = tl.full([], 0, tl.int64)  # their positions < n
     for start in range(0, num_pages, CHUNK):
         p = start + c
-        in_row = p < num_pages
-        k = _key(tl.load(s_row + p, mask=in_row, other=float("-inf")))
-        taken = (in_row & ((k > thr) | ((k == thr) & (p <= p_tie)))).to(tl.int32)
+        y = tl.load(s_row + p, mask=p < num_pages, other=float("-inf"))
+        taken = ((p < num_pages) & ((y > thr) | ((y == thr) & (p <= p_tie)))).to(tl.int64)
         rank = before + tl.cumsum(taken, 0) - taken
         pos = p.to(tl.int64)[:, None] * page_size + o[None, :]
-        slot = rank.to(tl.int64)[:, None] * page_size + o[None, :]
+        slot = rank[:, None] * page_size + o[None, :]
         kept = (taken[:, None] == 1) & (o[None, :] < page_size) & (slot < kmax)
         tl.store(IDX + row * kmax + slot, tl.where(pos < n, pos, last), mask=kept)
-        counted += tl.sum((kept & (pos < n)).to(tl.int32))
-        before += tl.sum(taken, 0)
-    tl.store(CNT + row, counted)
+        in_page = tl.minimum(tl.maximum(n - p.to(tl.int64) * page_size, 0), page_size)
+        both = tl.sum(taken * (1 + (in_page << 32)), 0)  # pages | positions < n << 32, in one reduction
+        before += both & 0xFFFFFFFF
+        valid += both >> 32
+    # Slots follow positions in order, so the counted ones (slot < kmax and position < n) are a prefix.
+    tl.store(CNT + row, tl.minimum(valid, kmax).to(tl.int32))
 
 
 SELECT_MAX_PAGES = 8192  # pages one program holds in registers; more take top-k + positions (same result)
@@ -214,7 +226,7 @@ def quest_select(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, ta
         np_pad = triton.next_power_of_2(num_pages)
         p_pad = triton.next_power_of_2(page_size)
         _select_kernel[(b * hq,)](scores, lengths, indices, counts, hq, num_pages, take, kmax, page_size,
-                                  NP_PAD=np_pad, P_PAD=p_pad, CHUNK=max(1, 2048 // p_pad),
+                                  NP_PAD=np_pad, P_PAD=p_pad, CHUNK=max(1, min(np_pad, 2048 // p_pad)),
                                   num_warps=4 if np_pad <= 2048 else 8)
     return indices, counts
 
