@@ -489,8 +489,8 @@ def _run(logits, temperature, top_p, top_k, seed, counter, *, block=None, dense_
         if launches is not None:
             launches.append((name, fn))
 
-    launch("max", lambda: _max_kernel[grid](logits, *params[:5], vocab, logits.stride(0), chunk, W_DRAW=w_draw, BLOCK=block,
-                                            **common))
+    launch("max", lambda: _max_kernel[grid](logits, x, temperature, top_p, top_k, ws, vocab, logits.stride(0), chunk,
+                                            W_DRAW=w_draw, BLOCK=block, **common))
     prev = (1, 0, 0)
     shift = 32
     for j, bits in enumerate(digits):
