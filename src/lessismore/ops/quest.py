@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lessismore.ops.topk import _NONE
+from lessismore.ops.topk import _NONE, _key, _unkey
 from lessismore.ops.triton_decode import INTERPRETED
 
 POSITIONS_MAX_TILE = 16384  # pages x page slots one program holds; larger selections use the reference
@@ -151,8 +151,7 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     # of the `count` keys that still match T's bytes (keys in unsigned order: key ^ int32 min), then
     # the largest byte d with at least `need` of them at or above it. Four rounds of three reductions
     # (below[d] and hist[d] come out of one, as two 16-bit halves), no data-dependent loop.
-    bits = x.to(tl.int32, bitcast=True)  # ops.topk's _key, inline (-0.0 takes +0.0's key)
-    u = tl.where(bits == _NONE, 0, bits ^ ((bits >> 31) & 0x7FFFFFFF)) ^ _NONE
+    u = _key(x) ^ _NONE  # -0.0 takes +0.0's key
     bins = tl.arange(0, 256)
     match = live
     count = num_pages + 0
@@ -171,8 +170,7 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
         t_u = t_u | (d << (24 - 8 * r))
     # T as a float (scores compare as their keys do: -0.0 == +0.0; no NaN), and the last page taken at T:
     # the `need` lowest of the `count` pages there, so all of them unless ties are cut.
-    t_key = t_u ^ _NONE
-    thr = (t_key ^ ((t_key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    thr = _unkey(t_u ^ _NONE)
     p_tie = num_pages + 0
     if need < count:
         ties = match.to(tl.int32)
