@@ -48,7 +48,7 @@ def hf_full_tokens(default_model):
 
 @pytest.fixture(scope="module")
 def engine_full():
-    return Engine("default", max_batch=4, max_len=160)
+    return Engine("default", max_batch=4, max_len=160, dtype=torch.float32)  # HF runs fp32: same precision
 
 
 def test_full_greedy_equals_hf_generate(engine_full, hf_full_tokens):
@@ -59,7 +59,8 @@ def test_full_greedy_equals_hf_generate(engine_full, hf_full_tokens):
 
 
 def test_lessismore_with_budget_over_context_equals_full(hf_full_tokens):
-    engine = Engine("default", cfg=SparseConfig(method="lessismore", budget=128, sink_tokens=4), max_batch=1, max_len=128)
+    engine = Engine("default", cfg=SparseConfig(method="lessismore", budget=128, sink_tokens=4), max_batch=1, max_len=128,
+                    dtype=torch.float32)
     result = engine.generate([PROMPT], max_new_tokens=NEW, ignore_eos=True)[0]
     assert result.token_ids == hf_full_tokens
     assert engine.kv_stats()["kv_read_fraction"] == 1.0

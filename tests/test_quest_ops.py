@@ -107,3 +107,44 @@ def test_positions_too_large_for_a_tile_is_an_error():
     assert not quest.positions_fit(4096, 16)
     with pytest.raises(ValueError, match="exceed"):
         quest.quest_page_positions(top, torch.tensor([10], device=DEVICE), 16, 100)
+
+
+def _page_scores(b, hq, pages, page_size, gen, ties):
+    """Page scores as ``quest_page_scores`` gives them (the current page +inf, pages past it -inf) and
+    the rows' lengths. ties: halves in [-1.5, 1.5] with -0.0 among them, and one head all equal."""
+    scores = torch.randn(b, hq, pages, generator=gen, device=DEVICE)
+    if ties:
+        scores = (scores * 1.5).round().clamp(-3, 3) / 2
+        scores[..., ::5] = -0.0
+        scores[0, -1] = 0.25
+    n = _lengths(b, pages, page_size, gen)
+    used = -(-n.long() // page_size)
+    page = torch.arange(pages, device=DEVICE)
+    scores = scores.masked_fill(page >= used.view(b, 1, 1), float("-inf"))
+    return scores.masked_fill(page == used.view(b, 1, 1) - 1, float("inf")), n
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
+@pytest.mark.parametrize("shape", SHAPES + [(2, 3, 1, 8, 300, 16), (1, 2, 1, 8, 2500, 1)])
+def test_select_equals_top_pages_then_positions(shape, ties):
+    """The one-launch selection (radix select, then the pages in order) gives what the reference top-k
+    then positions give: the same pages with ties to the lower page, rows with fewer pages than `take`
+    (ties at -inf), rows of 0-2 tokens, kmax at take * P and cut below it, rows longer than a chunk."""
+    b, hq, _, _, pages, page_size = shape
+    gen = _gen(7 * sum(shape) + ties)
+    scores, n = _page_scores(b, hq, pages, page_size, gen, ties)
+    for take in sorted({1, max(1, pages // 3), pages}):
+        for kmax in (take * page_size, max(1, take * page_size - page_size // 2 - 1)):
+            idx, cnt = quest.quest_select(scores, n, page_size, take, kmax)
+            want_idx, want_cnt = naive.quest_select(scores, n, page_size, take, kmax)
+            assert idx.dtype == torch.int64 and cnt.dtype == torch.int32
+            assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt), (take, kmax)
+
+
+def test_select_out_of_range_is_an_error():
+    scores = torch.zeros(1, 1, quest.SELECT_MAX_PAGES + 1, device=DEVICE)
+    assert not quest.select_fits(quest.SELECT_MAX_PAGES + 1, 16)
+    with pytest.raises(ValueError, match="quest_select"):
+        quest.quest_select(scores, torch.tensor([10], device=DEVICE), 16, 4, 64)
+    with pytest.raises(ValueError, match="take"):
+        quest.quest_select(scores[..., :8], torch.tensor([10], device=DEVICE), 16, 9, 64)

@@ -37,12 +37,16 @@ def page_bounds(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[t
     return lo[:, :, :num_pages], hi[:, :, :num_pages], page
 
 
+def pages_taken(budget: int, page_size: int, num_pages: int) -> int:
+    """How many pages a head reads: ceil(K/P), at most the pages there are."""
+    return min(-(-budget // page_size), num_pages)
+
+
 def top_pages(scores: torch.Tensor, budget: int, page_size: int) -> torch.Tensor:
     """Each head's pages, from scores [B, Hq, NP] (``ops.quest_page_scores``: the current page +inf,
-    pages past it -inf): the top min(ceil(K/P), NP) by score, equal scores lower page first; some of
+    pages past it -inf): the top ``pages_taken`` by score, equal scores lower page first; some of
     them non-existent pages when a row has fewer. [B, Hq, T] page ids."""
-    take = min(-(-budget // page_size), scores.shape[-1])
-    return ops.topk_desc(scores, take)[1]
+    return ops.topk_desc(scores, pages_taken(budget, page_size, scores.shape[-1]))[1]
 
 
 def quest_mask(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, budget: int, page_size: int) -> torch.Tensor:
@@ -125,7 +129,8 @@ class Quest(Method):
     def fast_select(self, cfg, q, cache):
         """From the page bounds alone: the same fp32 page scores as ``select`` (``ops.quest_page_scores``
         on the same values in the same dtype, over the same ceil(L/P) pages), the same top pages, the
-        positions built from them. On CUDA: four kernels a layer (fold, scores, top-k, positions)."""
+        positions built from them. On CUDA: three kernels a layer (fold, scores, then the top pages as
+        positions in one launch: ``ops.quest_select``)."""
         state = cache.state
         if not isinstance(state, QuestState) or cache.lengths is None or state.page_size != cfg.page_size:
             return None
@@ -134,7 +139,6 @@ class Quest(Method):
         if num_pages > state.lo.shape[2]:
             return None
         scores = ops.quest_page_scores(q, state.lo[:b, :, :num_pages], state.hi[:b, :, :num_pages], cache.lengths, p)
-        top = top_pages(scores, cfg.budget, p)
         kmax = min(-(-cfg.budget // p) * p, length)
-        indices, counts = ops.quest_page_positions(top, cache.lengths, p, kmax)
+        indices, counts = ops.quest_select(scores, cache.lengths, p, pages_taken(cfg.budget, p, num_pages), kmax)
         return Selection(indices=indices, counts=counts)

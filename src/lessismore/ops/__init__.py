@@ -92,6 +92,20 @@ def quest_page_positions(top, lengths, page_size: int, kmax: int, triton: bool |
     return naive.quest_page_positions(top, lengths, page_size, kmax)
 
 
+def quest_select(scores, lengths, page_size: int, take: int, kmax: int, triton: bool | None = None):
+    """Each head's top ``take`` pages by scores [B, Hq, NP] fp32 (equal scores: lower page first) as
+    ascending positions: ``quest_page_positions(topk_desc(scores, take)[1], ...)``'s (indices, counts).
+    The kernel does both in one launch for rows of up to ``quest.SELECT_MAX_PAGES`` pages; longer rows
+    take the two ops, which give the same result."""
+    if not _pick(scores, triton):
+        return naive.quest_select(scores, lengths, page_size, take, kmax)
+    from lessismore.ops import quest
+
+    if quest.select_fits(scores.shape[-1], page_size):
+        return quest.quest_select(scores, lengths, page_size, take, kmax)
+    return quest_page_positions(topk_desc(scores, take, triton=True)[1], lengths, page_size, kmax, triton=True)
+
+
 def linear(x, weight, bias=None, triton: bool | None = None) -> torch.Tensor:
     """x @ weight^T + bias (``F.linear``'s contract, x's dtype). The Triton kernel (``skinny``) takes
     decode's skinny inputs only: x [M, K] with M <= ``skinny.MAX_M`` (64) and weight of unit stride

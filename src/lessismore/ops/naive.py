@@ -142,6 +142,12 @@ def quest_page_positions(top: torch.Tensor, lengths: torch.Tensor, page_size: in
     return torch.where(live, positions, (n - 1).clamp(min=0)), live.sum(-1).to(torch.int32)
 
 
+def quest_select(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, take: int, kmax: int):
+    """Each head's top ``take`` pages by scores [B, Hq, NP] (equal scores: lower page first) as
+    positions: ``quest_page_positions`` of ``topk_desc``'s pages."""
+    return quest_page_positions(topk_desc(scores, take)[1], lengths, page_size, kmax)
+
+
 # ---- decode's linear layers (reference of ops.skinny) -----------------------------------------------
 
 

@@ -1,5 +1,5 @@
-"""Quest's decode-step selection in three Triton kernels, each the same contract as its reference in
-``naive`` (``quest_fold``, ``quest_page_scores``, ``quest_page_positions``).
+"""Quest's decode-step selection in Triton kernels, each the same contract as its reference in
+``naive`` (``quest_fold``, ``quest_page_scores``, ``quest_page_positions``, ``quest_select``).
 
 The PyTorch path runs ~60 small kernels per sparse layer (gathers, casts, masked fills, two sorts),
 launch-bound at any context: on the H200 at B=8 and ~600 tokens of context Quest's step took 11.05 ms
@@ -14,6 +14,10 @@ scores, the shared Triton top-k, positions (821 kernels, 7.15 ms; docs/performan
   paths call it with bounds of one dtype, so on one device they agree bit for bit.
 * ``quest_page_positions``: each head's pages sorted ascending (in registers), expanded to their
   positions, those >= n replaced by n-1 and counted out.
+* ``quest_select``: the top pages and their positions in one launch (the engine's path): the exact
+  top-k of a head's page scores by radix select in registers, then the taken pages in page order.
+  ``ops.topk_desc`` (built for 16K-128K-slot rows) spent ~19 µs a layer on rows of ~1K pages
+  (H200, B = 8 at 16K), most of it ~30 dependent block reductions.
 
 Loads are cast to fp32 at once (the interpreter computes bf16 wrongly; min/max/products in fp32 are
 exact for bf16/fp16 inputs). Fixed shapes, no host synchronization: each launch can be captured.
@@ -24,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lessismore.ops.topk import _NONE, _key, _unkey
 from lessismore.ops.triton_decode import INTERPRETED
 
 POSITIONS_MAX_TILE = 16384  # pages x page slots one program holds; larger selections use the reference
@@ -132,4 +137,97 @@ def quest_page_positions(top: torch.Tensor, lengths: torch.Tensor, page_size: in
     return indices, counts
 
 
-__all__ = ["quest_fold", "quest_page_scores", "quest_page_positions", "positions_fit", "INTERPRETED"]
+@triton.jit
+def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size,
+                   NP_PAD: tl.constexpr, P_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(LEN + row // num_heads).to(tl.int64)
+    s_row = S + row * num_pages
+    j = tl.arange(0, NP_PAD)
+    live = j < num_pages
+    x = tl.load(s_row + j, mask=live, other=float("-inf"))
+
+    # 1. T, the take-th largest key, one byte a round from the top: a 256-bin histogram of the next byte
+    # of the `count` keys that still match T's bytes (keys in unsigned order: key ^ int32 min), then
+    # the largest byte d with at least `need` of them at or above it. Four rounds of three reductions
+    # (below[d] and hist[d] come out of one, as two 16-bit halves), no data-dependent loop.
+    u = _key(x) ^ _NONE  # -0.0 takes +0.0's key
+    bins = tl.arange(0, 256)
+    match = live
+    count = num_pages + 0
+    need = take + 0
+    t_u = tl.full([], 0, tl.int32)
+    for r in tl.static_range(4):
+        byte = (u >> (24 - 8 * r)) & 255
+        hist = tl.histogram(byte, 256, mask=match)
+        below = tl.cumsum(hist, 0) - hist  # matching keys whose byte is < the bin's
+        d = tl.sum((count - below >= need).to(tl.int32), 0) - 1
+        at_d = tl.sum(tl.where(bins == d, below | (hist << 16), 0), 0)
+        hist_d = at_d >> 16
+        need -= count - (at_d & 0xFFFF) - hist_d  # the keys whose byte is above d are all taken
+        count = hist_d
+        match = match & (byte == d)
+        t_u = t_u | (d << (24 - 8 * r))
+    # T as a float (scores compare as their keys do: -0.0 == +0.0; no NaN), and the last page taken at T:
+    # the `need` lowest of the `count` pages there, so all of them unless ties are cut.
+    thr = _unkey(t_u ^ _NONE)
+    p_tie = num_pages + 0
+    if need < count:
+        ties = match.to(tl.int32)
+        p_tie = tl.max(tl.where(match & (tl.cumsum(ties, 0) - ties < need), j, -1), 0)
+
+    # 2. The taken pages in ascending order, expanded to their positions, CHUNK pages at a time: a page's
+    # rank among the taken ones gives its slots (no sort: the scan runs in page order).
+    c = tl.arange(0, CHUNK)
+    o = tl.arange(0, P_PAD)
+    last = tl.maximum(n - 1, 0)
+    before = tl.full([], 0, tl.int64)  # pages taken so far
+    valid = tl.full([], 0, tl.int64)  # their positions < n
+    for start in range(0, num_pages, CHUNK):
+        p = start + c
+        y = tl.load(s_row + p, mask=p < num_pages, other=float("-inf"))
+        taken = ((p < num_pages) & ((y > thr) | ((y == thr) & (p <= p_tie)))).to(tl.int64)
+        rank = before + tl.cumsum(taken, 0) - taken
+        pos = p.to(tl.int64)[:, None] * page_size + o[None, :]
+        slot = rank[:, None] * page_size + o[None, :]
+        kept = (taken[:, None] == 1) & (o[None, :] < page_size) & (slot < kmax)
+        tl.store(IDX + row * kmax + slot, tl.where(pos < n, pos, last), mask=kept)
+        in_page = tl.minimum(tl.maximum(n - p.to(tl.int64) * page_size, 0), page_size)
+        both = tl.sum(taken * (1 + (in_page << 32)), 0)  # pages | positions < n << 32, in one reduction
+        before += both & 0xFFFFFFFF
+        valid += both >> 32
+    # Slots follow positions in order, so the counted ones (slot < kmax and position < n) are a prefix.
+    tl.store(CNT + row, tl.minimum(valid, kmax).to(tl.int32))
+
+
+SELECT_MAX_PAGES = 8192  # pages one program holds in registers; more take top-k + positions (same result)
+
+
+def select_fits(num_pages: int, page_size: int) -> bool:
+    return num_pages <= SELECT_MAX_PAGES and triton.next_power_of_2(page_size) <= 2048
+
+
+def quest_select(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, take: int, kmax: int):
+    """Each head's top ``take`` pages by ``scores`` [B, Hq, NP] (equal scores: lower page first) as
+    ascending positions, in one launch: ``quest_page_positions(topk_desc(scores, take)[1], ...)``'s
+    result, (indices int64 [B, Hq, kmax], counts int32 [B, Hq]). Needs ``select_fits``. The top-k is
+    a radix select on the row in registers (four 256-bin histograms), and the pages come out in
+    ascending order from a scan, so nothing is sorted."""
+    b, hq, num_pages = scores.shape
+    if not select_fits(num_pages, page_size) or not 0 < take <= num_pages or scores.dtype != torch.float32:
+        raise ValueError(f"quest_select: fp32 scores of at most {SELECT_MAX_PAGES} pages of at most 2048 slots "
+                         f"and 0 < take <= pages; got {num_pages} pages of {page_size}, take {take}, {scores.dtype}")
+    scores = scores.contiguous()
+    indices = torch.empty((b, hq, kmax), device=scores.device, dtype=torch.int64)
+    counts = torch.empty((b, hq), device=scores.device, dtype=torch.int32)
+    if indices.numel():
+        np_pad = triton.next_power_of_2(num_pages)
+        p_pad = triton.next_power_of_2(page_size)
+        _select_kernel[(b * hq,)](scores, lengths, indices, counts, hq, num_pages, take, kmax, page_size,
+                                  NP_PAD=np_pad, P_PAD=p_pad, CHUNK=max(1, min(np_pad, 2048 // p_pad)),
+                                  num_warps=4 if np_pad <= 2048 else 8)
+    return indices, counts
+
+
+__all__ = ["quest_fold", "quest_page_scores", "quest_page_positions", "positions_fit", "quest_select", "select_fits",
+           "INTERPRETED"]
