@@ -107,6 +107,8 @@ def main():
     mc = model.config
     cfg = cfg.resolve(mc.model_type, mc.num_hidden_layers, mc.hidden_size)
     layers = sorted(int(x) for x in args.layers.split(",")) if args.layers else list(cfg.selection_layers)
+    if not all(0 <= layer < mc.num_hidden_layers for layer in layers):
+        ap.error(f"--layers={args.layers}: each must be in 0..{mc.num_hidden_layers - 1}")
     ids = []
     for row in load_traces():
         ids += tokenizer(row["prompt"] + row["trace"])["input_ids"]
