@@ -16,8 +16,8 @@ One prefill of real text (the packaged traces, prompt + trace, concatenated to -
 post-RoPE queries and keys of the selection layers; every --stride-th position past the budget is then a
 decode step's score row (q.k over the tokens up to it). The bound is evaluated as the kernel's steps 1-2
 define it, at the settings the layer uses for a cache of --span slots (k = union_prefix(K - R), or
---prefix to weigh another prefix); the same rows shuffled are the control. Caveat: a layer after the first selection layer sees full
-attention's inputs here, not a sparse run's.
+--prefix to weigh another prefix); the same rows shuffled are the control. Caveat: a layer after the
+first selection layer sees full attention's inputs here, not a sparse run's.
 """
 from __future__ import annotations
 
