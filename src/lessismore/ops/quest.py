@@ -75,7 +75,9 @@ def _scores_kernel(Q, LO, HI, LEN, OUT, sqb, sqh, slb, slh, slp, num_pages, num_
     used = (n + page_size - 1) // page_size
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, D_PAD)
-    m = (p[:, None] < num_pages) & (d[None, :] < D)
+    # Only the row's own pages are read: the rest of the span (most of it early in a long generation)
+    # scores -inf below without its bounds.
+    m = (p[:, None] < tl.minimum(used, num_pages)) & (d[None, :] < D)
     at = b.to(tl.int64) * slb + h * slh + p[:, None].to(tl.int64) * slp + d[None, :]
     lo = tl.load(LO + at, mask=m, other=0.0).to(tl.float32)
     hi = tl.load(HI + at, mask=m, other=0.0).to(tl.float32)
