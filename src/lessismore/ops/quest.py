@@ -19,7 +19,7 @@ scores, the shared Triton top-k, positions (821 kernels, 7.15 ms; docs/performan
   ``ops.topk_desc`` (built for 16K-128K-slot rows) spent ~19 µs a layer on rows of ~1K pages
   (H200, B = 8 at 16K), most of it ~30 dependent block reductions. H100, top 128 of 32 heads'
   pages (``benchmarks/quest_select.py``): 14.8 / 41.0 µs at B = 8 / 32 and 1K pages, against 24.9 /
-  88.8 for the top-k then the positions; at 2K pages (8 warps, twice the page pass) 25.1 / 76.8
+  88.8 for the top-k then the positions; at 2K pages (twice the registers and the page pass) 25.1 / 76.8
   against 25.0 / 90.2. The rows span the cache (``max_len``), not the row's length.
 
 Loads are cast to fp32 at once (the interpreter computes bf16 wrongly; min/max/products in fp32 are
