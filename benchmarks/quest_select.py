@@ -46,6 +46,7 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import environment, graph_seconds_per_call, write_json
 
+    from lessismore.methods.quest import pages_taken
     from lessismore.ops import naive, quest, topk
 
     points = [(2, 512, False)] if args.smoke else [(b, length, half) for b in (8, 32) for length in (16384, 32768)
@@ -53,7 +54,7 @@ def main(argv=None):
     result = {**environment(device), "heads": HEADS, "page_size": PAGE, "budget": BUDGET, "points": []}
     for b, length, half in points:
         scores, n = page_scores(b, length, half, device)
-        take = min(-(-BUDGET // PAGE), scores.shape[-1])
+        take = pages_taken(BUDGET, PAGE, scores.shape[-1])
         kmax = min(take * PAGE, length)
         ways = {
             "topk_then_positions": lambda: quest.quest_page_positions(topk.topk_desc(scores, take)[1], n, PAGE, kmax),

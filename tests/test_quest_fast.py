@@ -190,7 +190,8 @@ def test_engine_fast_path_equals_hf_and_reference_path(prompts, hf_tokens, monke
     """Continuous batching, two slots for three prompts of ~60 tokens (budget 32, pages of 4): the
     engine's greedy tokens on the fast path (the reference ``select`` never called) equal the HF path's
     and the engine's reference path's (``fused=False``: dense scores per step), and so do the KV reads."""
-    # fp32 as the HF model; no CUDA graphs: a replay runs no Python, so fast_select's calls are counted only without
+    # fp32 as the HF model. No CUDA graphs: a replay runs no Python, so fast_select's calls can only be counted
+    # without them.
     reference = Engine("default", cfg=CFG, max_batch=2, max_len=96, dtype=torch.float32, cuda_graphs=False)
     reference.executor.fused = False
     ref_results = reference.generate(prompts, max_new_tokens=NEW, ignore_eos=True)
