@@ -15,8 +15,8 @@ the selection layer depend on what real rows look like:
 One prefill of real text (the packaged traces, prompt + trace, concatenated to --tokens) records the
 post-RoPE queries and keys of the selection layers; every --stride-th position past the budget is then a
 decode step's score row (q.k over the tokens up to it). The bound is evaluated as the kernel's steps 1-2
-define it, at the settings the layer uses for a cache of --span slots (k = union_prefix(K - R)); the
-same rows shuffled are the control. Caveat: a layer after the first selection layer sees full
+define it, at the settings the layer uses for a cache of --span slots (k = union_prefix(K - R), or
+--prefix to weigh another prefix); the same rows shuffled are the control. Caveat: a layer after the first selection layer sees full
 attention's inputs here, not a sparse run's.
 """
 from __future__ import annotations
@@ -91,6 +91,8 @@ def main():
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--span", type=int, default=None, help="the cache's slots, which set M and the cap (default --tokens)")
     ap.add_argument("--stride", type=int, default=32, help="every stride-th position past the budget is a row")
+    ap.add_argument("--prefix", type=int, default=None,
+                    help="the ranks sorted first, which the bound selects and the union may pass (default union_prefix)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -102,11 +104,17 @@ def main():
     span = args.span or args.tokens
     if span < args.tokens:
         ap.error(f"--span={span}: must be >= --tokens={args.tokens}")
+    k_ranked = cfg.ranked_share
+    prefix = union_prefix(k_ranked) if args.prefix is None else args.prefix
+    if not 1 <= prefix <= k_ranked:
+        ap.error(f"--prefix={prefix}: must be in 1..{k_ranked} (the ranked share of --budget)")
 
     model, tokenizer = load_model(args.model, "cpu", torch.float32)
     mc = model.config
     cfg = cfg.resolve(mc.model_type, mc.num_hidden_layers, mc.hidden_size)
     layers = sorted(int(x) for x in args.layers.split(",")) if args.layers else list(cfg.selection_layers)
+    if not all(0 <= layer < mc.num_hidden_layers for layer in layers):
+        ap.error(f"--layers={args.layers}: each must be in 0..{mc.num_hidden_layers - 1}")
     ids = []
     for row in load_traces():
         ids += tokenizer(row["prompt"] + row["trace"])["input_ids"]
@@ -116,8 +124,6 @@ def main():
         ap.error(f"--tokens={args.tokens}: the traces hold {len(ids)} tokens for this tokenizer")
     qk = capture_qk(model, torch.tensor([ids[: args.tokens]]), set(layers))
 
-    k_ranked = cfg.ranked_share
-    prefix = union_prefix(k_ranked)
     groups, cap = default_group(prefix, span), default_cap(prefix, span)
     window = cfg.recent_share - cfg.effective_sinks
     torch.manual_seed(args.seed)
