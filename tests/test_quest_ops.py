@@ -139,6 +139,10 @@ def test_select_equals_top_pages_then_positions(shape, ties):
             want_idx, want_cnt = naive.quest_select(scores, n, page_size, take, kmax)
             assert idx.dtype == torch.int64 and cnt.dtype == torch.int32
             assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt), (take, kmax)
+            # The pages past a row's tokens (-inf by the contract) are not read: NaN there changes nothing.
+            idx, cnt = quest.quest_select(scores.masked_fill(scores == float("-inf"), float("nan")), n, page_size,
+                                          take, kmax)
+            assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt), (take, kmax, "NaN past the rows")
 
 
 def test_select_out_of_range_is_an_error():

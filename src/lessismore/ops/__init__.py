@@ -95,6 +95,7 @@ def quest_page_positions(top, lengths, page_size: int, kmax: int, triton: bool |
 def quest_select(scores, lengths, page_size: int, take: int, kmax: int, triton: bool | None = None):
     """Each head's top ``take`` pages by scores [B, Hq, NP] fp32 (equal scores: lower page first) as
     ascending positions: ``quest_page_positions(topk_desc(scores, take)[1], ...)``'s (indices, counts).
+    The pages past a row's tokens must score -inf (``quest_page_scores`` writes them so).
     The kernel does both in one launch for rows of up to ``quest.SELECT_MAX_PAGES`` pages; longer rows
     take the two ops, which give the same result."""
     if not _pick(scores, triton):

@@ -75,7 +75,9 @@ def _scores_kernel(Q, LO, HI, LEN, OUT, sqb, sqh, slb, slh, slp, num_pages, num_
     used = (n + page_size - 1) // page_size
     p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     d = tl.arange(0, D_PAD)
-    m = (p[:, None] < num_pages) & (d[None, :] < D)
+    # Only the row's own pages are read: the rest of the span (most of it early in a long generation)
+    # scores -inf below without its bounds.
+    m = (p[:, None] < tl.minimum(used, num_pages)) & (d[None, :] < D)
     at = b.to(tl.int64) * slb + h * slh + p[:, None].to(tl.int64) * slp + d[None, :]
     lo = tl.load(LO + at, mask=m, other=0.0).to(tl.float32)
     hi = tl.load(HI + at, mask=m, other=0.0).to(tl.float32)
@@ -146,9 +148,14 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     row = tl.program_id(0).to(tl.int64)
     n = tl.load(LEN + row // num_heads).to(tl.int64)
     s_row = S + row * num_pages
+    # Pages past the row's `used` ones score -inf (the contract), so every taken page is below
+    # max(used, take): the take-th largest and its ties are found among those pages alone, which are
+    # all the pages read and scanned (a row of a long generation spans a fraction of the cache).
+    used = tl.minimum((n + page_size - 1) // page_size, num_pages)
+    hi = tl.minimum(tl.maximum(used, take), num_pages)
     j = tl.arange(0, NP_PAD)
-    live = j < num_pages
-    x = tl.load(s_row + j, mask=live, other=float("-inf"))
+    live = j < hi
+    x = tl.load(s_row + j, mask=j < used, other=float("-inf"))
 
     # 1. T, the take-th largest key, one byte a round from the top: a 256-bin histogram of the next byte
     # of the `count` keys that still match T's bytes (keys in unsigned order: key ^ int32 min), then
@@ -157,7 +164,7 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     u = _key(x) ^ _NONE  # -0.0 takes +0.0's key
     bins = tl.arange(0, 256)
     match = live
-    count = num_pages + 0
+    count = hi.to(tl.int32)
     need = take + 0
     t_u = tl.full([], 0, tl.int32)
     for r in tl.static_range(4):
@@ -174,7 +181,7 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     # T as a float (scores compare as their keys do: -0.0 == +0.0; no NaN), and the last page taken at T:
     # the `need` lowest of the `count` pages there, so all of them unless ties are cut.
     thr = _unkey(t_u ^ _NONE)
-    p_tie = num_pages + 0
+    p_tie = hi.to(tl.int32)
     if need < count:
         ties = match.to(tl.int32)
         p_tie = tl.max(tl.where(match & (tl.cumsum(ties, 0) - ties < need), j, -1), 0)
@@ -186,10 +193,10 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     last = tl.maximum(n - 1, 0)
     before = tl.full([], 0, tl.int64)  # pages taken so far
     valid = tl.full([], 0, tl.int64)  # their positions < n
-    for start in range(0, num_pages, CHUNK):
+    for start in range(0, hi, CHUNK):
         p = start + c
-        y = tl.load(s_row + p, mask=p < num_pages, other=float("-inf"))
-        taken = ((p < num_pages) & ((y > thr) | ((y == thr) & (p <= p_tie)))).to(tl.int64)
+        y = tl.load(s_row + p, mask=p < used, other=float("-inf"))
+        taken = ((p < hi) & ((y > thr) | ((y == thr) & (p <= p_tie)))).to(tl.int64)
         rank = before + tl.cumsum(taken, 0) - taken
         pos = p.to(tl.int64)[:, None] * page_size + o[None, :]
         slot = rank[:, None] * page_size + o[None, :]
@@ -215,7 +222,8 @@ def quest_select(scores: torch.Tensor, lengths: torch.Tensor, page_size: int, ta
     ascending positions, in one launch: ``quest_page_positions(topk_desc(scores, take)[1], ...)``'s
     result, (indices int64 [B, Hq, kmax], counts int32 [B, Hq]). Needs ``select_fits``. The top-k is
     a radix select on the row in registers (four 256-bin histograms), and the pages come out in
-    ascending order from a scan, so nothing is sorted."""
+    ascending order from a scan, so nothing is sorted. The pages past a row's tokens must score -inf,
+    as ``quest_page_scores`` writes them: they are not read."""
     b, hq, num_pages = scores.shape
     if not select_fits(num_pages, page_size) or not 0 < take <= num_pages or scores.dtype != torch.float32:
         raise ValueError(f"quest_select: fp32 scores of at most {SELECT_MAX_PAGES} pages of at most 2048 slots "
