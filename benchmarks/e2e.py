@@ -12,6 +12,9 @@ bandwidth measured here (bytes read + written). HF ``generate`` (sdpa, DynamicCa
 context) is the outside peer, timed over a few steps. Correctness of the GPU paths is the job of the
 test suite (pytest -m gpu), not of this script.
 
+--span-factor F allocates F times the context, so the rows fill 1/F of the cache (F = 2: halfway through a
+long generation); it shows what a kernel spends on the part of the span a row has not reached.
+
 Modes: --generate (Engine.generate end to end), --sweep (the full step with the other cuBLAS back end),
 --profile (per-kernel GPU time of one eager step per point and method, PDL off), --pdl-off (every point also
 timed with programmatic dependent launch off, ``ops.pdl``), --overlap-off (the methods with a
@@ -76,10 +79,16 @@ def time_steps(engine: Engine, batch: int, context: int, steps: int, reps: int) 
     return out
 
 
+def cache_len(context: int, args) -> int:
+    """The engine's max_len at a point: the context and the timed steps, times --span-factor (the rows
+    then fill 1/F of the cache, as halfway through a long generation at F = 2)."""
+    return args.span_factor * context + 16 * (args.steps + 8)
+
+
 def timed_point(mcfg, weights, cfg, batch: int, context: int, args, steps=None, reps=None, cuda_graphs=None,
                 overlap_selection=None) -> list[float]:
     """A fresh engine at this point, filled, timed, freed."""
-    engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs, overlap_selection)
+    engine = new_engine(mcfg, weights, cfg, batch, cache_len(context, args), DEV, cuda_graphs, overlap_selection)
     try:
         fill_decode_state(engine, batch, context)
         return time_steps(engine, batch, context, steps or args.steps, reps or args.reps)
@@ -163,7 +172,7 @@ def profile_step(mcfg, weights, cfg, batch: int, context: int, args, top: int = 
     from torch.profiler import ProfilerActivity, profile
 
     with pdl.disabled():
-        engine = new_engine(mcfg, weights, cfg, batch, context + 16 * (args.steps + 8), DEV, cuda_graphs=False)
+        engine = new_engine(mcfg, weights, cfg, batch, cache_len(context, args), DEV, cuda_graphs=False)
         try:
             fill_decode_state(engine, batch, context)
             engine.step(batch)  # compile
@@ -198,9 +207,13 @@ def main():
     ap.add_argument("--pdl-off", action="store_true", help="also time every point with programmatic dependent launch off")
     ap.add_argument("--overlap-off", action="store_true",
                     help="also time the methods with a fused selection layer with its top-k and union on the main stream")
+    ap.add_argument("--span-factor", type=int, default=1,
+                    help="a cache of F times the context: rows fill 1/F of it, as in a long generation (F = 2: halfway)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: checks the script, measures nothing")
     args = ap.parse_args()
+    if args.span_factor < 1:
+        ap.error(f"--span-factor={args.span_factor}: must be >= 1")
     global DEV
     if args.smoke:
         DEV = "cpu"
@@ -210,6 +223,7 @@ def main():
 
     result = environment(DEV)
     result["model"] = f"{'tiny' if args.smoke else 'Qwen3-8B'} shape, random bf16 weights"
+    result["span_factor"] = args.span_factor
 
     def save():
         write_json(args.out, result)
