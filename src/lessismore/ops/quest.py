@@ -20,7 +20,8 @@ scores, the shared Triton top-k, positions (821 kernels, 7.15 ms; docs/performan
   (H200, B = 8 at 16K), most of it ~30 dependent block reductions. H100, top 128 of 32 heads'
   pages (``benchmarks/quest_select.py``): 14.8 / 41.0 µs at B = 8 / 32 and 1K pages, against 24.9 /
   88.8 for the top-k then the positions; at 2K pages (twice the registers and the page pass) 25.1 / 76.8
-  against 25.0 / 90.2. The rows span the cache (``max_len``), not the row's length.
+  against 25.0 / 90.2. Those rows fill the cache; rows at half of it, a long generation's average,
+  take 11.3 / 31.1 µs at 1K pages, since the kernel reads only the pages below max(used, take).
 
 Loads are cast to fp32 at once (the interpreter computes bf16 wrongly; min/max/products in fp32 are
 exact for bf16/fp16 inputs). Fixed shapes, no host synchronization: each launch can be captured.
