@@ -68,10 +68,19 @@ def test_other_ranks():
     assert_same(randn(3, 700), 699)
 
 
+def past_lengths(scores, lengths):
+    """scores with NaN in every slot from its row's length on: the kernel reads nothing there."""
+    pos = torch.arange(scores.shape[-1], device=DEVICE)
+    return scores.masked_fill(pos >= lengths.view(-1, *([1] * (scores.dim() - 1))), float("nan"))
+
+
 def test_lengths():
-    # Empty rows, rows shorter than k (tail of -inf slots), exactly k, full; int32 and int64 lengths.
-    assert_same(randn(5, 2, 600), 100, torch.tensor([0, 50, 100, 600, 433], device=DEVICE))
-    assert_same(randn(3, 2, 3000), 384, torch.tensor([2999, 17, 1500], device=DEVICE, dtype=torch.int32))
+    # Empty rows, rows shorter than k (tail of -inf slots), exactly k, full; int32 and int64 lengths;
+    # NaN past each row's length, which must not be read.
+    lengths = torch.tensor([0, 50, 100, 600, 433], device=DEVICE)
+    assert_same(past_lengths(randn(5, 2, 600), lengths), 100, lengths)
+    lengths = torch.tensor([2999, 17, 1500], device=DEVICE, dtype=torch.int32)
+    assert_same(past_lengths(randn(3, 2, 3000), lengths), 384, lengths)
     if ON_GPU:
         lengths = torch.randint(0, 32768, (32,), device=DEVICE)
         lengths[:4] = torch.tensor([0, 1000, 1536, 32768])
