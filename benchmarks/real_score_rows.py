@@ -73,7 +73,7 @@ def bound_candidates(s: torch.Tensor, kk: int, groups: int, gm_stop: int = 16) -
     unsigned = _key(gm).long() + 2**31
     cut = (unsigned.sort(1, descending=True).values[:, kk - 1] >> gm_stop) << gm_stop
     t_key = (cut - 2**31).to(torch.int32)
-    t_val = torch.where(t_key == 0, 0, t_key ^ ((t_key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    t_val = _key(t_key.view(torch.float32)).view(torch.float32)  # the key map is its own inverse on the bits
     t_val = torch.where(t_key <= _key(torch.tensor(float("-inf"))), float("-inf"), t_val)
     return (s >= t_val[:, None]).sum(1)
 
