@@ -10,8 +10,8 @@ Workload: out[M, N] = x[M, K] @ W[N, K]^T in bf16 (fp32 accumulation) at Qwen3-8
 * ``mm_t``: torch.mm(W, x.t()).t() (cuBLAS on the transposed problem);
 * ``skinny_default``: skinny_linear with ``default_config``;
 * ``skinny_best_m8`` / ``skinny_best_m32``: the fastest configs of a sweep (block_n x block_k x split_k
-  x num_warps x num_stages x swap_ab, ~30-45 configs, run at M = 8 and M = 32), timed at every M;
-  ``skinny_best`` is the faster of the two.
+  x num_warps x num_stages x swap_ab, ~30-45 configs, run at M = 8 and M = 32, or the Ms of
+  ``--sweep-ms``), timed at every M; ``skinny_best`` is the fastest of them.
 
 Each time is the median seconds per call over CUDA-graph replays (benchmarks/common.py's
 ``graph_seconds_per_call``), each replay running back-to-back calls on rotating weights (enough
@@ -86,11 +86,15 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--no-sweep", action="store_true", help="skip the config sweep")
+    ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="the M values the sweep runs at (comma list)")
     ap.add_argument("--reps", type=int, default=15, help="graph replays per timing (median)")
     ap.add_argument("--inner", type=int, default=12, help="calls per graph (rounded up to whole weight rotations)")
     ap.add_argument("--pdl", action="store_true", help="only the PDL comparison: the default config with "
                     "programmatic dependent launch off and on, alone and after an RMSNorm (M = 8, 32)")
     args = ap.parse_args(argv)
+    sweep_ms = [int(m) for m in args.sweep_ms.split(",") if m]
+    if not set(sweep_ms) <= set(MS):
+        ap.error(f"--sweep-ms: each of {list(MS)}, got {args.sweep_ms}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -209,7 +213,7 @@ def main(argv=None):
 
         best = {}
         if not args.no_sweep:
-            for m in SWEEP_MS:
+            for m in sweep_ms:
                 grid = sweep_grid(m, n, k, sms, args.smoke)
                 entries = []
                 for cfg in grid:
