@@ -339,7 +339,7 @@ def _check(scores, k, lengths, active=None):
 def launch_settings(k, length, by_position, has_len, has_active, *, cap=None, fused_sort=None, group=None, gm_stop=16,
                     gm_rows=None, block=4096, num_warps=16):
     """The kernel's settings for k <= length: (cap, the kernel's constexpr arguments and launch
-    options). ``_launch`` launches with them; tests/test_sm90_build.py compiles them for sm_90."""
+    options)."""
     cap = default_cap(k, length) if cap is None else max(1, min(int(cap), length, 65535))
     group = default_group(k, length) if group is None else group
     if group < k or group & (group - 1):
