@@ -66,8 +66,9 @@ def build(self, *args, grid, warmup, **kwargs):
 
 JITFunction.run = build
 
-from lessismore.engine import sampling  # noqa: E402
-from lessismore.ops import skinny, topk, triton_decode  # noqa: E402
+from lessismore.engine import kernels, sampling  # noqa: E402
+from lessismore.methods.lessismore.triton import union_selection  # noqa: E402
+from lessismore.ops import quest, skinny, topk, triton_decode  # noqa: E402
 
 
 def case(name, call, **info):
@@ -94,6 +95,14 @@ idx = torch.zeros(8, 2048, dtype=torch.int64)
 case("sparse", lambda: triton_decode.sparse_decode_attention(q, kc, vc, idx, torch.full((8,), 2048, dtype=torch.int32)))
 case("per-head", lambda: triton_decode.sparse_decode_attention_per_head(
     q, kc, vc, torch.zeros(8, 32, 2048, dtype=torch.int64), torch.full((8, 32), 2048, dtype=torch.int32)))
+# LessIsMore's union of 32 heads' lists (K = 2,048: 512 recent, 1,536 ranked); Quest's top 128 of 1,024 pages.
+case("union", lambda: union_selection(torch.zeros(8, 32, 1536, dtype=torch.int64), torch.empty(8, 32, 1536), lens, 16384,
+                                      2048, 512, 4))
+case("quest select", lambda: quest.quest_select(torch.empty(8, 32, 1024), lens, 16, 128, 2048))
+# The small kernels around the GEMMs.
+x = torch.empty(8, 4096, dtype=bf16)
+case("add_rmsnorm", lambda: kernels.add_rmsnorm(x, x.clone(), torch.empty(4096, dtype=bf16), 1e-6, impl="triton"))
+case("silu_mul", lambda: kernels.silu_mul(torch.empty(8, 24576, dtype=bf16), impl="triton"))
 # Sampling over Qwen's vocabulary.
 rows = 8
 case("sampling", lambda: sampling._sample_triton(
@@ -112,7 +121,7 @@ def built():
 
 
 def test_every_launch_builds(built):
-    assert len(built) == 3 + 8 + 3 + 1
+    assert len(built) == 3 + 8 + 3 + 2 + 2 + 1
     for entry in built:
         assert entry["kernels"], f"{entry['case']}: launched no Triton kernel"
         assert all(kernel["cubin"] > 0 for kernel in entry["kernels"]), entry
