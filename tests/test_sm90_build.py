@@ -5,8 +5,8 @@ kernels under the interpreter).
 The subprocess installs a build-only driver: every launch the library makes compiles its kernel for
 sm_90 and returns without running it (the outputs are left as allocated). So the library's own
 launchers pick every setting, at Qwen3-8B's shapes, and nothing is restated here. One difference from
-a GPU: off a GPU the attention counts 4 SMs, so it launches no splits and its merge kernel is not
-built.
+a GPU: off a GPU the attention counts 4 SMs and launches no splits, so one case asks for 4 to build
+its merge kernel. Every kernel of a decode step is built but the step's bookkeeping (``advance``).
 
 The interpreter runs a kernel as Python: it accepts code the compiler rejects (a loop-carried variable
 whose type changes inside the loop) and tells nothing of what a program needs on the GPU. The build
@@ -91,6 +91,7 @@ for n, kdim in [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]:
 q, kc, vc = torch.empty(8, 32, 128, dtype=bf16), torch.empty(8, 8, 16384, 128, dtype=bf16), torch.empty(8, 8, 16384, 128, dtype=bf16)
 lens = torch.full((8,), 16384, dtype=torch.int32)
 case("dense + scores", lambda: triton_decode.split_decode(q, kc, vc, None, lens, dense=True, scores=torch.empty(8, 32, 16384)))
+case("dense, 4 splits", lambda: triton_decode.split_decode(q[:1], kc[:1], vc[:1], None, lens[:1], dense=True, num_splits=4))
 idx = torch.zeros(8, 2048, dtype=torch.int64)
 case("sparse", lambda: triton_decode.sparse_decode_attention(q, kc, vc, idx, torch.full((8,), 2048, dtype=torch.int32)))
 case("per-head", lambda: triton_decode.sparse_decode_attention_per_head(
@@ -98,9 +99,16 @@ case("per-head", lambda: triton_decode.sparse_decode_attention_per_head(
 # LessIsMore's union of 32 heads' lists (K = 2,048: 512 recent, 1,536 ranked); Quest's top 128 of 1,024 pages.
 case("union", lambda: union_selection(torch.zeros(8, 32, 1536, dtype=torch.int64), torch.empty(8, 32, 1536), lens, 16384,
                                       2048, 512, 4))
+lo, hi = torch.empty(8, 8, 1024, 128, dtype=bf16), torch.empty(8, 8, 1024, 128, dtype=bf16)
+case("quest fold", lambda: quest.quest_fold(lo, hi, kc, lens, 16))
+case("quest page scores", lambda: quest.quest_page_scores(q, lo, hi, lens, 16))
 case("quest select", lambda: quest.quest_select(torch.empty(8, 32, 1024), lens, 16, 128, 2048))
 # The small kernels around the GEMMs.
 x = torch.empty(8, 4096, dtype=bf16)
+pos = torch.zeros(8, dtype=torch.int64)
+case("qk_norm_rope_store", lambda: kernels.qk_norm_rope_store(
+    torch.empty(8, 6144, dtype=bf16), 32, 8, 128, pos, pos, torch.empty(16384, 64), torch.empty(16384, 64), kc, vc,
+    torch.empty(2, 128, dtype=bf16), 1e-6, impl="triton"))
 case("add_rmsnorm", lambda: kernels.add_rmsnorm(x, x.clone(), torch.empty(4096, dtype=bf16), 1e-6, impl="triton"))
 case("silu_mul", lambda: kernels.silu_mul(torch.empty(8, 24576, dtype=bf16), impl="triton"))
 # Sampling over Qwen's vocabulary.
@@ -121,7 +129,7 @@ def built():
 
 
 def test_every_launch_builds(built):
-    assert len(built) == 3 + 8 + 3 + 2 + 2 + 1
+    assert len(built) == 3 + 8 + 4 + 4 + 3 + 1
     for entry in built:
         assert entry["kernels"], f"{entry['case']}: launched no Triton kernel"
         assert all(kernel["cubin"] > 0 for kernel in entry["kernels"]), entry
