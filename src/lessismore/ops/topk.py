@@ -336,25 +336,8 @@ def _check(scores, k, lengths, active=None):
         raise ValueError("active: one int32 entry per scores.shape[0] row, for scores of 2+ dimensions")
 
 
-def launch_settings(k, length, by_position, has_len, has_active, *, cap=None, fused_sort=None, group=None, gm_stop=16,
-                    gm_rows=None, block=4096, num_warps=16):
-    """The kernel's settings for k <= length: (cap, the kernel's constexpr arguments and launch
-    options)."""
-    cap = default_cap(k, length) if cap is None else max(1, min(int(cap), length, 65535))
-    group = default_group(k, length) if group is None else group
-    if group < k or group & (group - 1):
-        raise ValueError(f"group={group}: a power of two >= k={k}")
-    k_pad = triton.next_power_of_2(k)
-    threads = 32 * num_warps  # the tiles of steps 3-5 have one row per thread
-    return cap, dict(
-        HAS_LEN=has_len, HAS_ACTIVE=has_active, M=group, R=gm_rows or max(1, 8192 // group),
-        TW=threads, E=max(1, block // threads), CE=max(1, triton.next_power_of_2(cap) // threads), K_PAD=k_pad,
-        GM_STOP=gm_stop, SORT=k_pad <= 8192 if fused_sort is None else fused_sort,  # past 8192: torch.sort
-        BY_POS=by_position, num_warps=num_warps,
-    )
-
-
-def _launch(scores, k, lengths, by_position, active=None, **tuning):
+def _launch(scores, k, lengths, by_position, active=None, *, cap=None, fused_sort=None, group=None, gm_stop=16, gm_rows=None,
+            block=4096, num_warps=16):
     """The kernels behind topk_desc and topk_positions, with their tuning and its defaults (see
     ``topk_desc``); returns (values or None, indices)."""
     length = scores.shape[-1]
@@ -372,18 +355,28 @@ def _launch(scores, k, lengths, by_position, active=None, **tuning):
     if s.stride(-1) != 1 or s.stride(0) != length:
         s = s.contiguous()
     rows = s.shape[0]
-    has_len, has_active = lengths is not None, active is not None
-    cap, meta = launch_settings(k, length, by_position, has_len, has_active, **tuning)
+    cap = default_cap(k, length) if cap is None else max(1, min(int(cap), length, 65535))
+    group = default_group(k, length) if group is None else group
+    if group < k or group & (group - 1):
+        raise ValueError(f"group={group}: a power of two >= k={k}")
+    k_pad = triton.next_power_of_2(k)
+    fused_sort = k_pad <= 8192 if fused_sort is None else fused_sort  # past that: torch.sort
+    threads = 32 * num_warps  # the tiles of steps 3-5 have one row per thread
     candidates = torch.empty((rows, cap), device=device, dtype=torch.int64)
-    comp = torch.empty((rows, meta["K_PAD"]), device=device, dtype=torch.int64)
+    comp = torch.empty((rows, k_pad), device=device, dtype=torch.int64)
+    has_len = lengths is not None
     out_values = indices if values is None else values  # an unused pointer when by_position
+    has_active = active is not None
     if has_active:
         active = active.reshape(-1)
     _topk_kernel[(rows,)](
         s, lengths if has_len else s, active if has_active else s, candidates, comp, out_values, indices, length, length, k,
-        rows // scores.shape[0] if has_len or has_active else 1, cap, **meta,
+        rows // scores.shape[0] if has_len or has_active else 1, cap,
+        HAS_LEN=has_len, HAS_ACTIVE=has_active, M=group, R=gm_rows or max(1, 8192 // group),
+        TW=threads, E=max(1, block // threads), CE=max(1, triton.next_power_of_2(cap) // threads), K_PAD=k_pad,
+        GM_STOP=gm_stop, SORT=fused_sort, BY_POS=by_position, num_warps=num_warps,
     )
-    if meta["SORT"]:
+    if fused_sort:
         return values, indices
     c = torch.sort(comp, dim=-1, descending=True).values[:, :k]  # the same decoding as _decode, in torch
     if by_position:
