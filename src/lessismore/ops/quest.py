@@ -153,7 +153,7 @@ def _select_kernel(S, LEN, IDX, CNT, num_heads, num_pages, take, kmax, page_size
     # max(used, take): the take-th largest and its ties are found among those pages alone, which are
     # all the pages read and scanned (a row of a long generation spans a fraction of the cache).
     used = tl.minimum((n + page_size - 1) // page_size, num_pages)
-    hi = tl.minimum(tl.maximum(used, take), num_pages)
+    hi = tl.maximum(used, take)  # <= num_pages: the launcher checks take <= num_pages
     j = tl.arange(0, NP_PAD)
     live = j < hi
     x = tl.load(s_row + j, mask=j < used, other=float("-inf"))
