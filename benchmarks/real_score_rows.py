@@ -31,6 +31,7 @@ from common import environment, write_json
 from lessismore.analysis.metrics import union_depth
 from lessismore.analysis.traces import load_traces
 from lessismore.config import SparseConfig
+from lessismore.engine.sampling import order_key
 from lessismore.methods.lessismore import union_prefix
 from lessismore.models import load_model
 from lessismore.ops.topk import default_cap, default_group
@@ -58,24 +59,15 @@ def capture_qk(model, ids: torch.Tensor, layers: set[int]) -> dict[int, tuple[to
     return seen
 
 
-def _key(x: torch.Tensor) -> torch.Tensor:
-    """ops/topk.py's order-preserving int32 key of fp32 (-0.0 as +0.0)."""
-    b = x.view(torch.int32)
-    return torch.where(b == -2147483648, 0, b ^ ((b >> 31) & 0x7FFFFFFF))
-
-
 def bound_candidates(s: torch.Tensor, kk: int, groups: int, gm_stop: int = 16) -> torch.Tensor:
     """Per row of s [H, n]: entries >= t_lo, where t_lo is the kk-th largest of the maxima over
-    positions p = j (mod groups), its low gm_stop key bits cleared (ops/topk.py steps 1-2)."""
+    positions p = j (mod groups), its low gm_stop key bits cleared (ops/topk.py steps 1-2). Compared as
+    order keys, which order as the floats do (-0.0 with +0.0)."""
     h, n = s.shape
     padded = torch.cat([s, s.new_full((h, (-n) % groups), float("-inf"))], 1)
-    gm = padded.view(h, -1, groups).amax(1)
-    unsigned = _key(gm).long() + 2**31
-    cut = (unsigned.sort(1, descending=True).values[:, kk - 1] >> gm_stop) << gm_stop
-    t_key = (cut - 2**31).to(torch.int32)
-    t_val = _key(t_key.view(torch.float32)).view(torch.float32)  # the key map is its own inverse on the bits
-    t_val = torch.where(t_key <= _key(torch.tensor(float("-inf"))), float("-inf"), t_val)
-    return (s >= t_val[:, None]).sum(1)
+    gm = order_key(padded.view(h, -1, groups).amax(1))
+    cut = (gm.sort(1, descending=True).values[:, kk - 1] >> gm_stop) << gm_stop
+    return (order_key(s) >= cut[:, None]).sum(1)
 
 
 def quantiles(x: torch.Tensor) -> dict:
